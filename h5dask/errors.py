@@ -1,0 +1,92 @@
+"""Named exceptions of h5dask.
+
+Every exception raised on purpose by h5dask derives from :class:`H5DaskError`.
+Errors about one source and one feature carry both as attributes and name them
+in their message, so a failure among millions of sources can be traced back.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "H5DaskError",
+    "SourceFeatureError",
+    "LoadError",
+    "ResultTypeError",
+    "ConcatError",
+    "UnknownIdError",
+    "ReadOnlyError",
+    "SchemaError",
+    "FileFormatError",
+    "SourceError",
+]
+
+
+class H5DaskError(Exception):
+    """Base class of every error raised by h5dask."""
+
+
+class SourceFeatureError(H5DaskError):
+    """An error tied to one source and one feature.
+
+    Parameters
+    ----------
+    source : str
+        The source (its id) being processed.
+    feature : str
+        The path of the feature in the file, e.g. ``"data/images"``.
+    cause : str
+        What went wrong, in words.
+    """
+
+    def __init__(self, source: str, feature: str, cause: str):
+        self.source = source
+        self.feature = feature
+        self.cause = cause
+        super().__init__(f"source {source!r}, feature {feature!r}: {cause}")
+
+    def __reduce__(self):
+        return type(self), (self.source, self.feature, self.cause)
+
+
+class LoadError(SourceFeatureError):
+    """``Feature.load`` failed; the original exception is chained as ``__cause__``."""
+
+
+class ResultTypeError(LoadError, TypeError):
+    """``Feature.load`` returned something h5dask cannot store."""
+
+
+class ConcatError(SourceFeatureError, ValueError):
+    """A result's trailing shape or dtype cannot be concatenated to its dataset."""
+
+
+class UnknownIdError(H5DaskError, KeyError):
+    """An id that the file does not hold."""
+
+    def __init__(self, id: object, filename: str = ""):
+        self.id = id
+        self.filename = filename
+        where = f" in {filename!r}" if filename else ""
+        super().__init__(f"unknown id {id!r}{where}")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+    def __reduce__(self):
+        return type(self), (self.id, self.filename)
+
+
+class ReadOnlyError(H5DaskError, PermissionError):
+    """A write to a file opened read-only."""
+
+
+class SchemaError(H5DaskError, ValueError):
+    """A schema that cannot describe a file (empty, badly named, not features)."""
+
+
+class FileFormatError(H5DaskError, OSError):
+    """A file that is not HDF5, or whose h5dask tables are inconsistent."""
+
+
+class SourceError(H5DaskError, OSError):
+    """A source that cannot be listed or opened (missing file, unreachable URL)."""
