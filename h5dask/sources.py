@@ -1,0 +1,335 @@
+"""Sources and their ids: expanding directories and globs, opening files and URLs.
+
+A *source* is any string handed to ``Feature.load``. Directories (local or fsspec URLs)
+are walked recursively and globs are expanded, both through fsspec; every other string
+is an id as it is (``"0"`` or ``"run-3"`` are fine sources).
+
+Notes
+-----
+- A local source is a directory when :func:`os.path.isdir` says so. A URL is listed
+  when it ends with ``"/"`` or holds glob characters; otherwise it is asked
+  ``fs.isdir`` only for protocols where that is cheap (``memory``, ``file``), so that a
+  list of many plain URLs costs no network round trip.
+- Glob characters are ``*``, ``?`` and ``[``, except for ``http(s)`` URLs where ``?``
+  starts a query string, as in fsspec's HTTP filesystem.
+- Hidden files and folders (a path component below the given prefix starting with
+  ``"."``) are skipped; hidden folders are pruned, not walked. A glob whose own
+  component starts with ``"."`` (e.g. ``"logs/.*"``) may match hidden names.
+- HTTP listing is fsspec's: the links (``href``) of the HTML page at the URL, links
+  ending with ``"/"`` being directories. It suits index pages such as those of
+  ``python -m http.server``, nginx ``autoindex`` or Apache; links carrying a query or a
+  fragment (Apache's column-sorting links) are ignored. Errors of sub-folders are
+  skipped by fsspec's walk; only the given prefix must be listable.
+- Chained URLs (``"simplecache::s3://bucket/key"``) are passed through unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import IO, Any, Union
+
+import fsspec
+
+from .errors import SourceError
+
+__all__ = ["expand_sources", "open_source", "source_protocol"]
+
+SourceLike = Union[str, "os.PathLike[str]"]
+
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+_MAGIC = re.compile(r"[*?\[]")
+_HTTP_MAGIC = re.compile(r"[*\[]")
+_CHEAP_ISDIR = frozenset({"memory", "file", "local"})
+_HTTP = frozenset({"http", "https"})
+
+
+def source_protocol(source: SourceLike) -> str:
+    """Return the fsspec protocol of a source, ``"file"`` for local paths and plain ids.
+
+    Parameters
+    ----------
+    source : str or os.PathLike
+        A source string, local path or URL.
+
+    Returns
+    -------
+    str
+        The protocol, e.g. ``"s3"``; for chained URLs, the first one.
+
+    Examples
+    --------
+    >>> source_protocol("memory://bucket/a.png")
+    'memory'
+    >>> source_protocol("data/a.png"), source_protocol("run-3")
+    ('file', 'file')
+    >>> source_protocol("simplecache::https://example.org/a.png")
+    'simplecache'
+    """
+    s = _to_str(source)
+    if "::" in s and "://" in s:
+        s = s.split("::", 1)[0]
+        if "://" not in s:
+            return s
+    m = _URL.match(s)
+    return m.group(1) if m else "file"
+
+
+def expand_sources(
+    sources: SourceLike | Iterable[SourceLike],
+    *,
+    pattern: str | re.Pattern[str] | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> list[str]:
+    """Expand sources into the ordered list of ids.
+
+    Directories (local paths, or URLs ending with ``"/"``) are walked recursively, globs
+    are expanded, hidden files and folders are skipped, and anything else is kept as it
+    is. An expanded id is the given prefix, spelled as given, joined with the relative
+    path, so it keeps the protocol of a URL.
+
+    Parameters
+    ----------
+    sources : str, os.PathLike or iterable of them
+        Paths, directories, globs, fsspec URLs or plain strings.
+    pattern : str or re.Pattern, optional
+        Keep only the expanded entries in which this regex is found (``re.search``);
+        sources given as they are are always kept.
+    storage_options : dict, optional
+        Passed to the fsspec filesystems used to list URLs.
+
+    Returns
+    -------
+    list of str
+        Ids in a stable order: the order of ``sources``, each expansion sorted.
+        Repeated ids are dropped (keeping the first) with a warning.
+
+    Raises
+    ------
+    SourceError
+        Nothing to expand, nothing found, an unknown protocol, or a prefix that
+        cannot be listed (the original exception is chained).
+    TypeError
+        A source that is neither a string nor a path.
+
+    Examples
+    --------
+    >>> import fsspec
+    >>> fs = fsspec.filesystem("memory")
+    >>> for name in ["imgs/b.png", "imgs/sub/a.png", "imgs/.cache/x.png"]:
+    ...     fs.pipe(f"memory://doc-bucket/{name}", b"...")
+    >>> expand_sources(["memory://doc-bucket/imgs/", "run-3"])
+    ['memory://doc-bucket/imgs/b.png', 'memory://doc-bucket/imgs/sub/a.png', 'run-3']
+    >>> expand_sources("memory://doc-bucket/imgs/*.png")
+    ['memory://doc-bucket/imgs/b.png']
+    >>> expand_sources("memory://doc-bucket/imgs", pattern=r"sub/")
+    ['memory://doc-bucket/imgs/sub/a.png']
+    >>> fs.rm("/doc-bucket", recursive=True)
+    """
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    search = re.compile(pattern).search if pattern is not None else None
+    options = storage_options or {}
+    known: dict[str, bool] = {}
+    out: list[str] = []
+    empty: list[str] = []
+    n_given = 0
+    for source in sources:
+        n_given += 1
+        s = _to_str(source)
+        expanded = _expand_one(s, known, options)
+        if expanded is None:
+            out.append(s)
+            continue
+        if search is not None:
+            expanded = [e for e in expanded if search(e)]
+        if not expanded:
+            empty.append(s)
+        out.extend(expanded)
+    if n_given == 0:
+        raise SourceError("no sources given")
+    if empty and out:
+        warnings.warn(f"sources with no files{_filtered(pattern)}: {_some(empty)}")
+    if not out:
+        raise SourceError(f"no sources found{_filtered(pattern)}: nothing in {_some(empty)}")
+    unique = list(dict.fromkeys(out))
+    if len(unique) < len(out):
+        n = len(out) - len(unique)
+        warnings.warn(f"dropped {n} duplicate source id{'s' * (n > 1)}, keeping the first")
+    return unique
+
+
+@contextlib.contextmanager
+def open_source(source: SourceLike, mode: str = "rb", **storage_options: Any) -> Iterator[IO]:
+    """Open a local path or an fsspec URL as a binary file object.
+
+    Parameters
+    ----------
+    source : str or os.PathLike
+        A local path or any fsspec URL (chained URLs too).
+    mode : str, default "rb"
+        A binary mode.
+    **storage_options
+        Passed to the fsspec filesystem.
+
+    Yields
+    ------
+    file-like
+        The open file, closed when the ``with`` block ends.
+
+    Raises
+    ------
+    SourceError
+        The source cannot be opened (missing file, unreachable URL, unknown protocol);
+        the message names the source and the cause, which is chained.
+
+    Examples
+    --------
+    >>> import fsspec
+    >>> fsspec.filesystem("memory").pipe("memory://doc-bucket/a.bin", b"abc")
+    >>> with open_source("memory://doc-bucket/a.bin") as f:
+    ...     f.read()
+    b'abc'
+    >>> fsspec.filesystem("memory").rm("/doc-bucket", recursive=True)
+    """
+    s = _to_str(source)
+    try:
+        ofile = fsspec.open(s, mode, **storage_options)
+        f = ofile.__enter__()
+    except Exception as exc:
+        raise SourceError(f"cannot open source {s!r}: {_describe(exc)}") from exc
+    try:
+        yield f
+    finally:
+        ofile.__exit__(None, None, None)
+
+
+# -- helpers -------------------------------------------------------------------------
+
+
+def _to_str(source: object) -> str:
+    s = os.fspath(source) if isinstance(source, os.PathLike) else source
+    if not isinstance(s, str):
+        raise TypeError(
+            f"a source must be a str or an os.PathLike, not {type(source).__name__}: "
+            f"{source!r} (convert plain ids with str())"
+        )
+    if not s:
+        raise SourceError("empty string given as a source")
+    return s
+
+
+def _expand_one(s: str, known: dict[str, bool], options: dict[str, Any]) -> list[str] | None:
+    """The ids of one source, or None when it is kept as it is."""
+    m = _URL.match(s) if "://" in s else None
+    if m is None:
+        if "::" in s and "://" in s:
+            return None  # chained URL
+        if _MAGIC.search(s):
+            return _glob(fsspec.filesystem("file"), s)
+        if os.path.isdir(s):
+            return _walk(fsspec.filesystem("file"), s, s)
+        if s.endswith(("/", os.sep)):
+            raise SourceError(f"source {s!r} ends with a separator but is not a directory")
+        return None
+    protocol = m.group(1)
+    if protocol not in known:
+        known[protocol] = protocol in fsspec.available_protocols()
+    if not known[protocol]:
+        raise SourceError(f"source {s!r}: protocol {protocol!r} is not known to fsspec")
+    magic, end = _MAGIC, len(s)
+    if protocol in _HTTP:  # "?" starts a query string, where "*" or "[" are no glob
+        magic, end = _HTTP_MAGIC, len(re.split(r"[?#]", s, maxsplit=1)[0])
+    is_glob = magic.search(s, 0, end) is not None
+    if not (is_glob or s.endswith("/") or protocol in _CHEAP_ISDIR):
+        return None
+    try:
+        fs = fsspec.filesystem(protocol, **options)
+        if is_glob:
+            return _glob(fs, s, magic)
+        if s.endswith("/") or fs.isdir(s):
+            return _walk(fs, s, s)
+    except SourceError:
+        raise
+    except Exception as exc:
+        raise SourceError(f"cannot list source {s!r}: {_describe(exc)}") from exc
+    return None
+
+
+def _walk(fs: fsspec.AbstractFileSystem, top: str, prefix: str) -> list[str]:
+    """Sorted ids of the non-hidden files below directory ``top`` (an fsspec path)."""
+    return sorted(_join(prefix, rel) for rel in _files_below(fs, top))
+
+
+def _files_below(fs: fsspec.AbstractFileSystem, top: str) -> Iterator[str]:
+    """Relative paths of the non-hidden files below ``top``; errors listing it raise."""
+    root = fs._strip_protocol(top).rstrip("/")
+    http = not _protocols(fs).isdisjoint(_HTTP)
+    for dirpath, dirs, files in fs.walk(top, on_error="raise"):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # prune hidden folders
+        reldir = dirpath[len(root) :].strip("/") if dirpath.startswith(root) else dirpath
+        for name in files:
+            if not name or name.startswith(".") or (http and ("?" in name or "#" in name)):
+                continue
+            yield f"{reldir}/{name}" if reldir else name
+
+
+def _glob(fs: fsspec.AbstractFileSystem, s: str, magic: re.Pattern[str] = _MAGIC) -> list[str]:
+    """Sorted ids of the non-hidden files matching glob ``s``; matched folders are walked."""
+    cut = s.rfind("/", 0, magic.search(s).start()) + 1
+    prefix = s[:cut]  # the user's spelling of the fixed part, up to its last "/"
+    parts = s[cut:].split("/")
+    root = fs._strip_protocol(prefix or ".").rstrip("/")
+    found: set[str] = set()
+    for name, info in fs.glob(s, detail=True).items():
+        name = name.rstrip("/")
+        rel = name[len(root) :].lstrip("/") if name.startswith(root) else name
+        comps = rel.split("/")
+        if any(c.startswith(".") and not _dot_ok(parts, i) for i, c in enumerate(comps)):
+            continue
+        if info.get("type") == "directory":
+            found.update(f"{rel}/{r}" for r in _files_below(fs, name))
+        else:
+            found.add(rel)
+    if not found and not _is_local(fs):
+        fs.ls(prefix)  # surface an unreachable or missing prefix as an error
+    return sorted(_join(prefix, rel) for rel in found)
+
+
+def _dot_ok(parts: list[str], i: int) -> bool:
+    """Whether glob component ``i`` asks for hidden names (it starts with ".")."""
+    return i < len(parts) and "**" not in parts[:i] and parts[i].startswith(".")
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> set[str]:
+    return {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" in _protocols(fs)
+
+
+def _join(prefix: str, rel: str) -> str:
+    return prefix + rel if not prefix or prefix.endswith(("/", os.sep)) else f"{prefix}/{rel}"
+
+
+def _describe(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and str(cause) not in text:
+        text += f" (caused by {type(cause).__name__}: {cause})"
+    return text
+
+
+def _filtered(pattern: str | re.Pattern[str] | None) -> str:
+    if pattern is None:
+        return ""
+    return f" matching pattern {getattr(pattern, 'pattern', pattern)!r}"
+
+
+def _some(items: list[str], n: int = 5) -> str:
+    shown = ", ".join(repr(i) for i in items[:n])
+    return shown + (f" and {len(items) - n} more" if len(items) > n else "")
