@@ -1,9 +1,36 @@
-"""h5dask: typed HDF5 files built in parallel with dask."""
+"""h5dask: typed HDF5 files built in parallel with dask.
+
+Declare a type of file as a class of features, build it from many sources,
+read it by id or like h5py, analyse it with dask and serve it to PyTorch.
+"""
 
 from . import errors
 from .errors import H5DaskError
 from .feature import Array, Feature, Group, String
+from .proxy import DatasetProxy, GroupProxy, Proxy
+from .typed_file import Failure, TypedFile
 
 __version__ = "0.1.0"
 
-__all__ = ["Array", "Feature", "Group", "H5DaskError", "String", "errors"]
+__all__ = [
+    "Array",
+    "DatasetProxy",
+    "Failure",
+    "Feature",
+    "Group",
+    "GroupProxy",
+    "H5DaskError",
+    "Proxy",
+    "String",
+    "TypedFile",
+    "errors",
+    "features",
+]
+
+
+def __getattr__(name: str):
+    if name == "features":
+        from . import features
+
+        return features
+    raise AttributeError(f"module 'h5dask' has no attribute {name!r}")

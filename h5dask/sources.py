@@ -132,15 +132,14 @@ def expand_sources(
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     search = re.compile(pattern).search if pattern is not None else None
-    options = storage_options or {}
-    known: dict[str, bool] = {}
+    lister = _Lister(storage_options or {})
     out: list[str] = []
     empty: list[str] = []
     n_given = 0
     for source in sources:
         n_given += 1
         s = _to_str(source)
-        expanded = _expand_one(s, known, options)
+        expanded = lister.expand(s)
         if expanded is None:
             out.append(s)
             continue
@@ -211,6 +210,8 @@ def open_source(source: SourceLike, mode: str = "rb", **storage_options: Any) ->
 
 
 def _to_str(source: object) -> str:
+    if type(source) is str and source:  # the fast path of millions of plain ids
+        return source
     s = os.fspath(source) if isinstance(source, os.PathLike) else source
     if not isinstance(s, str):
         raise TypeError(
@@ -222,46 +223,60 @@ def _to_str(source: object) -> str:
     return s
 
 
-def _expand_one(s: str, known: dict[str, bool], options: dict[str, Any]) -> list[str] | None:
-    """The ids of one source, or None when it is kept as it is."""
-    m = _URL.match(s) if "://" in s else None
-    if m is None:
-        if "::" in s and "://" in s:
-            return None  # chained URL
-        if _MAGIC.search(s):
-            return _glob(fsspec.filesystem("file"), s)
-        if os.path.isdir(s):
-            return _walk(fsspec.filesystem("file"), s, s)
-        if s.endswith(("/", os.sep)):
-            raise SourceError(f"source {s!r} ends with a separator but is not a directory")
+class _Lister:
+    """Expands sources one by one, caching protocol checks and filesystems."""
+
+    def __init__(self, options: dict[str, Any]):
+        self.options = options
+        self.known: dict[str, bool] = {}
+        self.filesystems: dict[str, fsspec.AbstractFileSystem] = {}
+
+    def fs(self, protocol: str) -> fsspec.AbstractFileSystem:
+        if protocol not in self.filesystems:
+            options = self.options if protocol != "file" else {}
+            self.filesystems[protocol] = fsspec.filesystem(protocol, **options)
+        return self.filesystems[protocol]
+
+    def expand(self, s: str) -> list[str] | None:
+        """The ids of one source, or None when it is kept as it is."""
+        m = _URL.match(s) if "://" in s else None
+        if m is None:
+            if "::" in s and "://" in s:
+                return None  # a chained URL
+            if _MAGIC.search(s):
+                return _glob(self.fs("file"), s)
+            if os.path.isdir(s):
+                return _walk(self.fs("file"), s)
+            if s.endswith(("/", os.sep)):
+                raise SourceError(f"source {s!r} ends with a separator but is not a directory")
+            return None
+        protocol = m.group(1)
+        if protocol not in self.known:
+            self.known[protocol] = protocol in fsspec.available_protocols()
+        if not self.known[protocol]:
+            raise SourceError(f"source {s!r}: protocol {protocol!r} is not known to fsspec")
+        magic, end = _MAGIC, len(s)
+        if protocol in _HTTP:  # "?" starts a query string, where "*" or "[" are no glob
+            magic, end = _HTTP_MAGIC, len(re.split(r"[?#]", s, maxsplit=1)[0])
+        is_glob = magic.search(s, 0, end) is not None
+        if not (is_glob or s.endswith("/") or protocol in _CHEAP_ISDIR):
+            return None
+        try:
+            fs = self.fs(protocol)
+            if is_glob:
+                return _glob(fs, s, magic)
+            if s.endswith("/") or fs.isdir(s):
+                return _walk(fs, s)
+        except SourceError:
+            raise
+        except Exception as exc:
+            raise SourceError(f"cannot list source {s!r}: {_describe(exc)}") from exc
         return None
-    protocol = m.group(1)
-    if protocol not in known:
-        known[protocol] = protocol in fsspec.available_protocols()
-    if not known[protocol]:
-        raise SourceError(f"source {s!r}: protocol {protocol!r} is not known to fsspec")
-    magic, end = _MAGIC, len(s)
-    if protocol in _HTTP:  # "?" starts a query string, where "*" or "[" are no glob
-        magic, end = _HTTP_MAGIC, len(re.split(r"[?#]", s, maxsplit=1)[0])
-    is_glob = magic.search(s, 0, end) is not None
-    if not (is_glob or s.endswith("/") or protocol in _CHEAP_ISDIR):
-        return None
-    try:
-        fs = fsspec.filesystem(protocol, **options)
-        if is_glob:
-            return _glob(fs, s, magic)
-        if s.endswith("/") or fs.isdir(s):
-            return _walk(fs, s, s)
-    except SourceError:
-        raise
-    except Exception as exc:
-        raise SourceError(f"cannot list source {s!r}: {_describe(exc)}") from exc
-    return None
 
 
-def _walk(fs: fsspec.AbstractFileSystem, top: str, prefix: str) -> list[str]:
-    """Sorted ids of the non-hidden files below directory ``top`` (an fsspec path)."""
-    return sorted(_join(prefix, rel) for rel in _files_below(fs, top))
+def _walk(fs: fsspec.AbstractFileSystem, top: str) -> list[str]:
+    """Sorted ids of the non-hidden files below directory ``top``, spelled from ``top``."""
+    return sorted(_join(top, rel) for rel in _files_below(fs, top))
 
 
 def _files_below(fs: fsspec.AbstractFileSystem, top: str) -> Iterator[str]:

@@ -1,0 +1,142 @@
+"""Running features on sources: ``load`` calls, ``__re__`` matching, result checks.
+
+This is the code that runs in workers. It returns plain nested dicts of numpy
+arrays and never touches the HDF5 file.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from .errors import LoadError, ResultTypeError, SourceFeatureError
+
+__all__ = ["load_schema", "normalize", "flatten"]
+
+Result = dict[str, Any]
+
+
+def load_schema(source: Any, schema: Mapping[str, Any], prefix: str = "") -> Result:
+    """Run every feature of ``schema`` on ``source``; return its non-empty results.
+
+    Features run in the schema's order, so a feature can be ``derived_from`` an
+    earlier one. A feature whose ``__re__`` does not match, or whose ``load``
+    returns None, is absent from the result.
+
+    Raises
+    ------
+    LoadError
+        A ``load`` raised; the original exception is the ``__cause__``.
+    ResultTypeError
+        A ``load`` returned a type h5dask cannot store.
+    """
+    out: Result = {}
+    for name, feature in schema.items():
+        if not feature.loads:
+            continue
+        path = prefix + name
+        if feature.derived_from is not None:
+            if feature.derived_from not in out:
+                continue
+            arg = out[feature.derived_from]
+        elif isinstance(source, str) and re.search(feature.__re__, source) is None:
+            continue
+        else:
+            arg = source
+        members = getattr(feature, "features", None)
+        if isinstance(members, Mapping):
+            value = load_schema(arg, members, path + "/") or None
+        else:
+            value = normalize(_call_load(feature, arg, source, path), source, path)
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def _call_load(feature: Any, arg: Any, source: Any, path: str) -> Any:
+    try:
+        return feature.load(arg)
+    except SourceFeatureError:
+        raise
+    except Exception as exc:
+        raise LoadError(str(source), path, f"load() raised {type(exc).__name__}: {exc}") from exc
+
+
+def normalize(value: Any, source: Any = "", path: str = "") -> Any:
+    """Turn a ``load`` result into a numpy array with an axis 0, a dict of them, or None.
+
+    Strings and scalars become 1-element arrays; 0-d arrays gain an axis;
+    dicts are normalised recursively and lose their None entries.
+
+    Examples
+    --------
+    >>> normalize(3.5)
+    array([3.5])
+    >>> normalize({"a": "text", "b": None})
+    {'a': array(['text'], dtype='<U4')}
+    """
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        return _normalize_dict(value, source, path)
+    if isinstance(value, (str, bytes, bool, int, float, complex, np.generic)):
+        return np.array([value])
+    if isinstance(value, np.ndarray):
+        return _normalize_array(value, source, path)
+    hint = _hint(value)
+    raise ResultTypeError(
+        str(source), path, f"load() returned a {type(value).__qualname__}, which cannot be stored{hint}"
+    )
+
+
+def _normalize_dict(value: Mapping, source: Any, path: str) -> Result | None:
+    out = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or not key or "/" in key or key in (".", ".."):
+            raise ResultTypeError(
+                str(source), path, f"load() returned a dict with key {key!r}; keys must be names"
+            )
+        item = normalize(item, source, f"{path}/{key}")
+        if item is not None:
+            out[key] = item
+    return out or None
+
+
+def _normalize_array(array: np.ndarray, source: Any, path: str) -> np.ndarray:
+    if array.dtype.kind == "O" and not all(isinstance(x, str) for x in array.flat):
+        raise ResultTypeError(
+            str(source), path, "load() returned an object array; only arrays of str can be stored"
+        )
+    if array.dtype.kind == "V" and array.dtype.fields is None:
+        raise ResultTypeError(str(source), path, f"load() returned an array of dtype {array.dtype}")
+    return array.reshape(1) if array.ndim == 0 else array
+
+
+def _hint(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "; return np.asarray(...) instead"
+    if hasattr(value, "numpy") and hasattr(value, "detach"):
+        return "; return tensor.detach().cpu().numpy() instead"
+    if hasattr(value, "to_numpy"):
+        return "; return .to_numpy() instead"
+    return "; return a numpy array, a dict of them, a str, a scalar or None"
+
+
+def flatten(result: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
+    """Flatten a nested result into ``{"group/feature": array}``.
+
+    Examples
+    --------
+    >>> flatten({"a": {"b": np.zeros(1)}})
+    {'a/b': array([0.])}
+    """
+    flat: dict[str, np.ndarray] = {}
+    for key, value in result.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[prefix + key] = value
+    return flat

@@ -1,0 +1,263 @@
+"""The h5dask file format: thin reads and writes of ids, values, refs and attrs.
+
+Everything here takes open :class:`h5py.File` or :class:`h5py.Group` objects
+and neither opens nor closes files. ``docs/FORMAT.md`` documents the layout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import h5py
+import numpy as np
+from numpy.dtypes import StringDType
+
+FORMAT = "h5dask"
+FORMAT_VERSION = 1
+IDS = "__src__/id"
+ERRORS = "__errors__"
+VALUES = "values"
+REFS = "refs"
+RESERVED = ("__src__", ERRORS)
+JSON_ATTRS = "__json__"
+CHUNK_BYTES = 1 << 20
+MIN_CHUNK_BYTES = 16 << 10
+TABLE_CHUNK_ROWS = 16384
+
+UTF8 = h5py.string_dtype("utf-8")
+BYTES = h5py.string_dtype("ascii")
+
+
+def init_root(f: h5py.File) -> None:
+    """Mark ``f`` as an h5dask file and create its id table if missing."""
+    f.attrs["format"] = FORMAT
+    f.attrs["format_version"] = FORMAT_VERSION
+    if IDS not in f:
+        f.create_dataset(
+            IDS, shape=(0,), maxshape=(None,), dtype=UTF8, chunks=(TABLE_CHUNK_ROWS,)
+        )
+
+
+def is_feature_group(obj: Any) -> bool:
+    """Whether ``obj`` is a feature group: a group holding ``values`` and ``refs``."""
+    return (
+        isinstance(obj, h5py.Group)
+        and obj.get(VALUES, getclass=True) is h5py.Dataset
+        and obj.get(REFS, getclass=True) is h5py.Dataset
+    )
+
+
+def n_ids(f: h5py.File) -> int:
+    """Number of committed ids."""
+    return f[IDS].shape[0] if IDS in f else 0
+
+
+def read_ids(f: h5py.File) -> np.ndarray:
+    """All committed ids, as a numpy ``StringDType`` array (no Python objects per id)."""
+    if IDS not in f:
+        return np.array([], dtype=StringDType())
+    return np.array(f[IDS][:], dtype=StringDType())
+
+
+def append_ids(f: h5py.File, ids: list[str]) -> None:
+    """Append ``ids`` to the id table: the commit point of a batch."""
+    append_rows(f[IDS], np.array(ids, dtype=object))
+
+
+def read_refs(group: h5py.Group, n: int) -> np.ndarray:
+    """The ``(n, 2)`` ref table of a feature group, padded with ``-1`` rows to ``n``."""
+    refs = group[REFS]
+    if refs.ndim != 2 or refs.shape[1] != 2 or refs.dtype.kind not in "iu":
+        raise ValueError(f"{refs.name} has shape {refs.shape} and dtype {refs.dtype}")
+    table = np.full((n, 2), -1, dtype=np.int64)
+    rows = min(n, refs.shape[0])
+    if rows:
+        table[:rows] = refs[:rows]
+    return table
+
+
+def storage_dtype(array: np.ndarray) -> np.dtype:
+    """The HDF5 dtype that stores ``array``: UTF-8 or byte strings, else its own."""
+    if array.dtype.kind in "UOT":
+        return UTF8
+    if array.dtype.kind == "S":
+        return BYTES
+    return array.dtype
+
+
+def is_string_dtype(dtype: np.dtype) -> bool:
+    """Whether ``dtype`` is an h5py variable-length string dtype."""
+    return h5py.check_string_dtype(dtype) is not None
+
+
+def default_chunks(
+    trailing: tuple[int, ...], dtype: np.dtype, first_nbytes: int = CHUNK_BYTES
+) -> tuple[int, ...]:
+    """Chunks of about :data:`CHUNK_BYTES`: whole rows when a row fits, else split rows.
+
+    A dataset whose first write is small (a log, a checkpoint) gets smaller
+    chunks, down to :data:`MIN_CHUNK_BYTES`, so that it does not take a whole
+    MiB on disk.
+    """
+    itemsize = 64 if is_string_dtype(dtype) else max(1, dtype.itemsize)
+    target = 1 << max(0, int(first_nbytes) - 1).bit_length()
+    target = min(CHUNK_BYTES, max(MIN_CHUNK_BYTES, target))
+    shape = [max(1, n) for n in trailing]
+    while math.prod(shape) * itemsize > target and max(shape) > 1:
+        axis = int(np.argmax(shape))
+        shape[axis] = math.ceil(shape[axis] / 2)
+    rows = max(1, target // (math.prod(shape) * itemsize))
+    return (rows, *shape)
+
+
+def create_feature(
+    parent: h5py.File, path: str, first: np.ndarray, ds_kwargs: dict[str, Any], n: int
+) -> h5py.Group:
+    """Create the feature group ``path`` with empty ``values`` shaped like ``first``."""
+    group = parent.require_group(path)
+    kwargs = dict(ds_kwargs)
+    dtype = np.dtype(kwargs.pop("dtype", storage_dtype(first)))
+    trailing = first.shape[1:]
+    kwargs.pop("shape", None)
+    kwargs.pop("maxshape", None)
+    if kwargs.get("chunks", True) is True or kwargs.get("chunks") is None:
+        kwargs["chunks"] = default_chunks(trailing, dtype, first.nbytes)
+    group.create_dataset(
+        VALUES, shape=(0, *trailing), maxshape=(None, *trailing), dtype=dtype, **kwargs
+    )
+    group.create_dataset(
+        REFS,
+        shape=(n, 2),
+        maxshape=(None, 2),
+        dtype=np.int64,
+        chunks=(TABLE_CHUNK_ROWS, 2),
+        fillvalue=-1,
+    )
+    return group
+
+
+def append_rows(ds: h5py.Dataset, rows: np.ndarray) -> tuple[int, int]:
+    """Append ``rows`` along axis 0 of ``ds``; return the written ``[start, stop)``."""
+    start = ds.shape[0]
+    stop = start + rows.shape[0]
+    if stop > start:
+        ds.resize(stop, axis=0)
+        ds[start:stop] = rows
+    return start, stop
+
+
+def write_ref_rows(refs: h5py.Dataset, positions: np.ndarray, rows: np.ndarray) -> None:
+    """Write ``rows`` at ``positions`` of a ref table in one contiguous block."""
+    lo, hi = int(positions.min()), int(positions.max()) + 1
+    if hi - lo == len(positions) and np.all(np.diff(positions) == 1):
+        refs[lo:hi] = rows
+        return
+    block = refs[lo:hi]
+    block[positions - lo] = rows
+    refs[lo:hi] = block
+
+
+def committed_stop(refs: np.ndarray) -> int:
+    """End of the region of ``values`` that committed refs point into."""
+    return int(refs[:, 1].max(initial=0))
+
+
+def trim_uncommitted(f: h5py.File, feature_paths: list[str]) -> None:
+    """Cut what a crashed or interrupted batch wrote past the last commit."""
+    n = n_ids(f)
+    for path in feature_paths:
+        group = f[path]
+        if group[REFS].shape[0] > n:
+            group[REFS].resize(n, axis=0)
+        stop = committed_stop(read_refs(group, n))
+        if group[VALUES].shape[0] > stop:
+            group[VALUES].resize(stop, axis=0)
+
+
+def write_attrs(obj: h5py.HLObject, attrs: dict[str, Any]) -> None:
+    """Store ``attrs`` as HDF5 attributes; values HDF5 cannot hold natively go as JSON."""
+    encoded = [k for k in obj.attrs.get(JSON_ATTRS, []) if k not in attrs]
+    for key, value in attrs.items():
+        native = _native_attr(value)
+        if native is None:
+            obj.attrs[key] = json.dumps(value)
+            encoded.append(key)
+        else:
+            obj.attrs[key] = native
+    if encoded:
+        obj.attrs[JSON_ATTRS] = sorted(set(encoded))
+
+
+def read_attrs(obj: h5py.HLObject) -> dict[str, Any]:
+    """Read attributes back as Python values, decoding those stored as JSON."""
+    encoded = set(_as_python(obj.attrs.get(JSON_ATTRS, [])))
+    out = {}
+    for key, value in obj.attrs.items():
+        if key == JSON_ATTRS:
+            continue
+        value = _as_python(value)
+        out[key] = json.loads(value) if key in encoded else value
+    return out
+
+
+def _native_attr(value: Any) -> Any:
+    if isinstance(value, (bool, int, float, str, np.generic)):
+        return value
+    if isinstance(value, (list, tuple)) and value:
+        array = np.asarray(value)
+        if array.ndim == 1 and array.dtype.kind in "biufU":
+            return array if array.dtype.kind != "U" else array.astype(object)
+    return None
+
+
+def _as_python(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.ndarray):
+        return [_as_python(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+@dataclass(frozen=True)
+class Node:
+    """What the file holds at a path: a ``"group"``, a ``"feature"`` or a plain ``"dataset"``."""
+
+    kind: str
+    shape: tuple[int, ...] | None = None
+    dtype: np.dtype | None = None
+    chunks: tuple[int, ...] | None = None
+    compression: str | None = None
+    nbytes_stored: int = 0
+
+
+def read_layout(f: h5py.File) -> dict[str, Node]:
+    """Map every group, feature and plain dataset of ``f`` (ids and errors aside) to a Node."""
+    layout: dict[str, Node] = {}
+
+    def visit(group: h5py.Group, prefix: str) -> None:
+        for name in group:
+            if not prefix and name in RESERVED:
+                continue
+            path = prefix + name
+            cls = group.get(name, getclass=True)
+            if cls is h5py.Dataset:
+                layout[path] = _dataset_node("dataset", group[name])
+            elif cls is h5py.Group:
+                child = group[name]
+                if is_feature_group(child):
+                    layout[path] = _dataset_node("feature", child[VALUES])
+                else:
+                    layout[path] = Node("group")
+                    visit(child, path + "/")
+
+    visit(f, "")
+    return layout
+
+
+def _dataset_node(kind: str, ds: h5py.Dataset) -> Node:
+    return Node(kind, ds.shape, ds.dtype, ds.chunks, ds.compression, ds.id.get_storage_size())

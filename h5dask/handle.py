@@ -1,0 +1,115 @@
+"""Opening HDF5 files per process: the handle layer under typed files and dask tasks.
+
+h5py objects neither pickle nor survive ``fork``. A :class:`FileHandle` keeps
+the path and options instead of an open file; it opens the file on demand, in
+the process that asks, and keeps it open between calls only when told to.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import h5py
+
+from .errors import FileFormatError, ReadOnlyError
+
+__all__ = ["FileHandle", "open_h5"]
+
+
+def open_h5(filename: str, mode: str = "r", **h5_kwargs: Any) -> h5py.File:
+    """Open an HDF5 file with errors that say what is wrong with it.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``filename`` does not exist (modes ``r`` and ``r+``).
+    FileFormatError
+        ``filename`` exists but is not an HDF5 file, or cannot be opened.
+    """
+    if mode in ("r", "r+") and h5_kwargs.get("driver") != "core" and not os.path.exists(filename):
+        raise FileNotFoundError(f"no such file: {filename!r}")
+    try:
+        return h5py.File(filename, mode, **h5_kwargs)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if "signature" in str(exc):
+            raise FileFormatError(f"{filename!r} is not an HDF5 file") from exc
+        raise FileFormatError(f"cannot open {filename!r} in mode {mode!r}: {exc}") from exc
+
+
+class FileHandle:
+    """Opens one HDF5 file on demand, in whichever process uses it.
+
+    Parameters
+    ----------
+    filename : str
+        Path of the file.
+    mode : {"r", "r+"}
+        ``"r"`` refuses every write with :class:`~h5dask.errors.ReadOnlyError`.
+    keep_open : bool
+        Keep one handle open between calls (per process) instead of opening
+        and closing the file around each call.
+    **h5_kwargs
+        Passed to :class:`h5py.File` (``driver``, ``locking``, ...).
+    """
+
+    def __init__(self, filename: str, mode: str, keep_open: bool = False, **h5_kwargs: Any):
+        self.filename = filename
+        self.mode = mode
+        self.keep_open = keep_open
+        self.h5_kwargs = h5_kwargs
+        self._file: h5py.File | None = None
+        self._pid = os.getpid()
+
+    @property
+    def is_open(self) -> bool:
+        """Whether this process holds an open handle."""
+        return self._live() is not None
+
+    @contextmanager
+    def open(self, write: bool = False) -> Iterator[h5py.File]:
+        """Yield the open file; close it afterwards unless ``keep_open``."""
+        if write and self.mode == "r":
+            raise ReadOnlyError(f"{self.filename!r} is open read-only; open it with mode='r+'")
+        if self.keep_open:
+            yield self._cached()
+            return
+        f = open_h5(self.filename, self.mode, **self.h5_kwargs)
+        try:
+            yield f
+        finally:
+            f.close()
+
+    def close(self) -> None:
+        """Close the kept handle of this process, if any."""
+        f = self._live()
+        self._file = None
+        if f is not None:
+            f.close()
+
+    def _live(self) -> h5py.File | None:
+        if self._pid != os.getpid():  # inherited through fork: never touch it
+            self._file, self._pid = None, os.getpid()
+        if self._file is not None and not self._file.id.valid:
+            self._file = None
+        return self._file
+
+    def _cached(self) -> h5py.File:
+        f = self._live()
+        if f is None:
+            f = self._file = open_h5(self.filename, self.mode, **self.h5_kwargs)
+        return f
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self.h5_kwargs.get("driver") == "core" and not self.h5_kwargs.get("backing_store", True):
+            raise TypeError(f"{self.filename!r} lives in memory only and cannot be pickled")
+        state = self.__dict__.copy()
+        state["_file"] = None
+        return state
+
+    def __repr__(self) -> str:
+        return f"FileHandle({self.filename!r}, mode={self.mode!r}, keep_open={self.keep_open})"

@@ -1,0 +1,121 @@
+"""``TypedFile.create``: sources -> parallel loads -> the single writer -> a typed file."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from .engine import run_loads
+from .errors import H5DaskError, SchemaError
+from .failures import Failure, record_failures
+from .feature import Feature
+from .sources import expand_sources
+from .typed_file import TypedFile, _check_schema
+from .writer import Writer
+
+__all__ = ["create"]
+
+ON_ERROR = ("raise", "skip")
+PARALLELISM = {"mp": "processes", "threads": "threads", "none": "sync", "future": "threads"}
+
+
+def create(
+    cls: type[TypedFile],
+    filename: str | os.PathLike,
+    sources: Any,
+    mode: str = "w",
+    schema: Mapping[str, Feature] | None = None,
+    n_workers: int | None = None,
+    scheduler: Any = None,
+    keep_open: bool = False,
+    on_error: str = "raise",
+    progress: bool = True,
+    parallelism: str | None = None,
+    **h5_kwargs: Any,
+) -> TypedFile:
+    """Build a typed file from sources; see :meth:`TypedFile.create`."""
+    schema = _resolve_schema(cls, schema)
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, not {on_error!r}")
+    if mode not in ("w", "a", "r+", "w-", "x"):
+        raise ValueError(f"create() takes mode 'w', 'a', 'r+', 'w-' or 'x', not {mode!r}")
+    if parallelism is not None and scheduler is None:
+        if parallelism not in PARALLELISM:
+            raise ValueError(f"parallelism must be one of {sorted(PARALLELISM)}, not {parallelism!r}")
+        scheduler = PARALLELISM[parallelism]
+    ids = expand_sources(sources)
+    file = cls(filename, mode=mode, schema=schema, **h5_kwargs)
+    for feature in schema.values():
+        feature.before_create(ids)
+    with file._handle.open(write=True) as f:
+        file._init_schema(f)
+    todo = [i for i, committed in zip(ids, file.index.positions(ids) >= 0) if not committed]
+    failures = _ingest(file, todo, schema, n_workers, scheduler, on_error, progress)
+    _after_create(file, schema)
+    file.keep_open = keep_open
+    if failures:
+        file._cache["failures"] = failures
+    return file
+
+
+def _resolve_schema(cls: type[TypedFile], schema: Mapping[str, Feature] | None) -> dict[str, Feature]:
+    if schema is not None and not schema:
+        raise SchemaError("the schema is empty: give create() at least one Feature")
+    schema = _check_schema(schema) if schema else dict(cls.__schema__)
+    if not schema:
+        raise SchemaError(
+            f"{cls.__name__} declares no Feature: declare some as class attributes or pass schema="
+        )
+    if not any(feature.loads for feature in schema.values()):
+        names = ", ".join(schema)
+        raise SchemaError(f"no feature of the schema ({names}) implements load(); nothing to create")
+    return schema
+
+
+def _ingest(
+    file: TypedFile,
+    ids: list[str],
+    schema: dict[str, Feature],
+    n_workers: int | None,
+    scheduler: Any,
+    on_error: str,
+    progress: bool,
+) -> list[Failure]:
+    writer = Writer(file, flush_seconds=None)
+    failures: list[Failure] = []
+    try:
+        for id, result in run_loads(ids, schema, n_workers, scheduler, progress):
+            if isinstance(result, Exception):
+                _fail(result, id, on_error, failures)
+                continue
+            try:
+                writer.append(id, result)
+            except H5DaskError as exc:
+                _fail(exc, id, on_error, failures)
+    finally:
+        writer.flush()
+        if failures:
+            with file._handle.open(write=True) as f:
+                record_failures(f, failures)
+    return failures
+
+
+def _fail(error: Exception, id: str, on_error: str, failures: list[Failure]) -> None:
+    if on_error == "raise":
+        raise error
+    failures.append(Failure.from_error(error, id))
+
+
+def _after_create(file: TypedFile, schema: dict[str, Feature]) -> None:
+    keep_open = file.keep_open
+    file.keep_open = True
+    try:
+        for name, feature in schema.items():
+            feature.after_create(file, name)
+        hook = getattr(file, "after_create", None)
+        if callable(hook):
+            hook()
+    finally:
+        file.flush()
+        file.keep_open = keep_open

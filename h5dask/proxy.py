@@ -1,0 +1,336 @@
+"""Proxies: the user-facing views of a typed file's groups and features.
+
+A proxy holds its file and a path, never an h5py object, so it pickles and
+works in any process. Reading ``file.data.images`` gives a :class:`DatasetProxy`
+for a feature (read it by id, by ref, or with any h5py item on the
+concatenation) and a :class:`GroupProxy` for a group (read it by id).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import reduce
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import format as fmt
+from .errors import H5DaskError, UnknownIdError
+from .extract import normalize
+
+if TYPE_CHECKING:
+    from .feature import Feature
+    from .typed_file import TypedFile
+
+__all__ = ["Proxy", "GroupProxy", "DatasetProxy", "RefTable"]
+
+
+class Proxy:
+    """Common base of group and dataset proxies.
+
+    Attributes the proxy itself does not have are looked up on its feature, so
+    a feature's custom methods (``plot``, ``decode``...) are reachable here.
+    """
+
+    def __init__(self, file: TypedFile, path: str, feature: Feature | None = None):
+        self.file = file
+        self.path = path
+        self.feature = feature
+
+    @property
+    def name(self) -> str:
+        """The HDF5 name, e.g. ``"/data/images"``."""
+        return "/" + self.path
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The HDF5 attributes of this group or feature, decoded."""
+        return self.file._attrs(self.path)
+
+    def _check_id(self, id: Any) -> str:
+        if isinstance(id, (int, np.integer)) and not isinstance(id, bool):
+            ids = self.file.index.ids
+            if not -len(ids) <= id < len(ids):
+                raise UnknownIdError(id, self.file.filename)
+            return str(ids[id])
+        if not isinstance(id, str):
+            raise TypeError(f"ids are str (or the int position of an id), not {type(id).__name__}")
+        return id
+
+    def __getattr__(self, name: str) -> Any:
+        feature = self.__dict__.get("feature")
+        if feature is not None and not name.startswith("__") and hasattr(feature, name):
+            return getattr(feature, name)
+        raise AttributeError(f"{type(self).__name__} {self.path!r} has no attribute {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            type(other) is type(self)
+            and other.file is self.file  # type: ignore[attr-defined]
+            and other.path == self.path  # type: ignore[attr-defined]
+        )
+
+    def __hash__(self) -> int:
+        return hash((id(self.file), self.path))
+
+
+class GroupProxy(Proxy):
+    """A group of features: read and write by id, reach members as attributes.
+
+    Examples
+    --------
+    ``file.logs.get("train")`` and ``file.logs["train"]`` return a dict of the
+    members that hold data for ``"train"``; ``file.logs.loss`` is a member.
+    """
+
+    @property
+    def children(self) -> dict[str, Proxy]:
+        """The members of this group, by name."""
+        return {name: self.file.get_proxy(self._child(name)) for name in self.keys()}
+
+    def keys(self) -> list[str]:
+        """Names of the members: declared ones first, then those found in the file."""
+        return self.file._children(self.path)
+
+    def _child(self, name: str) -> str:
+        return f"{self.path}/{name}" if self.path else name
+
+    def __getattr__(self, name: str) -> Any:
+        if not name.startswith("_") and name in self.keys():
+            return self.file.get_proxy(self._child(name))
+        return super().__getattr__(name)
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(self.keys()))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.keys()
+
+    def get(self, id: str | int) -> dict[str, Any]:
+        """The data of ``id`` in every member that has some, as a nested dict.
+
+        Raises
+        ------
+        UnknownIdError
+            The file holds no such id.
+        """
+        id = self._check_id(id)
+        if id not in self.file.index:
+            raise UnknownIdError(id, self.file.filename)
+        out = {}
+        for name, child in self.children.items():
+            value = child.get(id)
+            if value is not None and not (isinstance(value, dict) and not value):
+                out[name] = value
+        transforms = getattr(self.feature, "__grp_t__", ())
+        return reduce(lambda data, t: t(data), transforms, out)
+
+    def __getitem__(self, id: str | int) -> dict[str, Any]:
+        return self.get(id)
+
+    def __setitem__(self, id: str, data: dict[str, Any]) -> None:
+        self.set(id, data)
+
+    def add(self, id: str, data: dict[str, Any]) -> GroupProxy:
+        """Add ``data`` (a dict by member name) for ``id``, a new or a known id."""
+        self.file._add(self._check_id(id), self._nest(data))
+        return self
+
+    def set(self, id: str, data: dict[str, Any]) -> None:
+        """Replace the data of ``id`` in the members named by ``data``; add a new id."""
+        id = self._check_id(id)
+        if not isinstance(data, dict):
+            raise TypeError(f"set() on group {self.path!r} takes a dict, not {type(data).__name__}")
+        if id not in self.file.index:
+            self.file._add(id, self._nest(data))
+            return
+        for name, value in data.items():
+            if name in self.keys():
+                self.file.get_proxy(self._child(name)).set(id, value)
+            else:
+                self.file._add(id, self._nest({name: value}))
+
+    def _nest(self, data: Any) -> dict[str, Any]:
+        for part in reversed(self.path.split("/") if self.path else []):
+            data = {part: data}
+        if not isinstance(data, dict):
+            raise TypeError(f"add() on the file takes a dict, not {type(data).__name__}")
+        return data
+
+    def __repr__(self) -> str:
+        return f"<Group {self.name} [{', '.join(self.keys())}] of {self.file.filename!r}>"
+
+
+class DatasetProxy(Proxy):
+    """One feature (or a plain HDF5 dataset): the concatenation of its sources' arrays.
+
+    Any h5py item reads the concatenation (``proxy[:32]``, ``proxy[ref]``); a
+    str reads one source (``proxy["planes/01.jpeg"]``), as :meth:`get` does.
+    """
+
+    def __init__(self, file: TypedFile, path: str, feature: Feature | None, has_refs: bool):
+        super().__init__(file, path, feature)
+        self.has_refs = has_refs
+
+    @property
+    def values_path(self) -> str:
+        """HDF5 path of the dataset holding the concatenation."""
+        return f"{self.path}/{fmt.VALUES}" if self.has_refs else self.path
+
+    @property
+    def _node(self) -> Any:
+        return self.file._layout().get(self.path)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        node = self._node
+        return node.shape if node is not None and node.shape is not None else (0,)
+
+    @property
+    def dtype(self) -> np.dtype | None:
+        node = self._node
+        return None if node is None else node.dtype
+
+    @property
+    def chunks(self) -> tuple[int, ...] | None:
+        node = self._node
+        return None if node is None else node.chunks
+
+    @property
+    def compression(self) -> str | None:
+        node = self._node
+        return None if node is None else node.compression
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def exists(self) -> bool:
+        """Whether the dataset exists yet (a declared feature may hold no data)."""
+        return self._node is not None and self._node.kind != "group"
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def refs(self) -> RefTable:
+        """The ref table: ``refs[i]`` is the ``slice`` of the i-th id, or None."""
+        if not self.has_refs:
+            raise H5DaskError(f"{self.path!r} is a plain dataset with no ref table")
+        return RefTable(self)
+
+    @property
+    def ids(self) -> np.ndarray:
+        """The ids that hold data for this feature, in file order."""
+        table = self.refs.array
+        return self.file.index.ids[table[:, 0] >= 0]
+
+    def get(self, id: str | int) -> Any:
+        """The array of ``id``, or None where it has no data for this feature.
+
+        Raises
+        ------
+        UnknownIdError
+            The file holds no such id.
+        """
+        id = self._check_id(id)
+        position = self.file.index.get(id)
+        if position is None:
+            raise UnknownIdError(id, self.file.filename)
+        region = self.refs[position]
+        return None if region is None else self[region]
+
+    def __getitem__(self, item: Any) -> Any:
+        if isinstance(item, str):
+            return self.get(item)
+        if not self.exists:
+            raise IndexError(f"{self.path!r} holds no data yet")
+        data = self.file._read(self.values_path, item)
+        transforms = getattr(self.feature, "__t__", ())
+        return reduce(lambda x, t: t(x), transforms, data)
+
+    def __setitem__(self, item: Any, value: Any) -> None:
+        if isinstance(item, str):
+            self.set(item, value)
+            return
+        self.file._write(self.values_path, item, value)
+
+    def set(self, id: str, data: Any) -> None:
+        """Replace the array of ``id``: in place when its length is unchanged, else appended."""
+        id = self._check_id(id)
+        array = normalize(data, id, self.path)
+        if isinstance(array, dict):
+            raise TypeError(f"{self.path!r} is an array feature; set() takes an array, not a dict")
+        position = self.file.index.get(id)
+        region = None if position is None else self.refs[position]
+        if region is not None and region.stop - region.start == len(array):
+            checked = self.file._spec(self.path).check(array, id, self.path)
+            self.file._write(self.values_path, region, checked)
+        else:
+            self.file._add(id, self._nest(array))
+
+    def add(self, id: str, data: Any) -> DatasetProxy:
+        """Add the array of ``id`` to this feature (a new id, or a known one)."""
+        self.file._add(self._check_id(id), self._nest(data))
+        return self
+
+    def _nest(self, data: Any) -> dict[str, Any]:
+        for part in reversed(self.path.split("/")):
+            data = {part: data}
+        return data
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        data = np.asarray(self[()])
+        return data if dtype is None else data.astype(dtype)
+
+    def __repr__(self) -> str:
+        kind = "Feature" if self.has_refs else "Dataset"
+        return f"<{kind} {self.name} shape={self.shape} dtype={self.dtype} of {self.file.filename!r}>"
+
+
+class RefTable:
+    """The ids' regions in a feature's concatenation.
+
+    ``refs[i]`` is ``slice(start, stop)`` for the i-th id, or None where that
+    id has no data; a str indexes by id; ``refs.array`` (or ``np.asarray``) is
+    the raw ``(n_ids, 2)`` int64 table, ``-1`` rows marking absence.
+    """
+
+    def __init__(self, proxy: DatasetProxy):
+        self.proxy = proxy
+
+    @property
+    def array(self) -> np.ndarray:
+        return self.proxy.file._refs(self.proxy.path)
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, item: Any) -> Any:
+        if isinstance(item, str):
+            position = self.proxy.file.index.get(item)
+            if position is None:
+                raise UnknownIdError(item, self.proxy.file.filename)
+            item = position
+        if isinstance(item, (int, np.integer)):
+            start, stop = self.array[item]
+            return None if start < 0 else slice(int(start), int(stop))
+        return self.array[item]
+
+    def __iter__(self) -> Iterator[slice | None]:
+        for start, stop in self.array.tolist():
+            yield None if start < 0 else slice(start, stop)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return self.array if dtype is None else self.array.astype(dtype)
+
+    def __repr__(self) -> str:
+        return f"<RefTable of {self.proxy.path!r}: {len(self)} ids>"

@@ -1,0 +1,528 @@
+"""TypedFile: a type of ``.h5`` file declared as a Python class of features."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import weakref
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import h5py
+import numpy as np
+
+from . import format as fmt
+from .display import html_table, text_table
+from .errors import ResultTypeError, SchemaError
+from .extract import load_schema, normalize
+from .failures import Failure, read_failures
+from .feature import Feature, Group
+from .handle import FileHandle, open_h5
+from .index import IdIndex
+from .proxy import DatasetProxy, GroupProxy, Proxy
+from .writer import Spec, Writer
+
+__all__ = ["TypedFile", "Failure"]
+
+MODES = ("r", "r+", "a", "w", "w-", "x")
+_WRITING: weakref.WeakSet[TypedFile] = weakref.WeakSet()
+
+
+class TypedFile:
+    """An HDF5 file whose layout is declared by the class's :class:`Feature` attributes.
+
+    Parameters
+    ----------
+    filename : str or os.PathLike
+        Path of the file.
+    mode : {"r", "r+", "a", "w", "w-", "x"}
+        As in :class:`h5py.File`: read only, read/write an existing file,
+        read/write creating it if needed, truncate, create a new file.
+    keep_open : bool
+        Keep one HDF5 handle open between calls (per process). By default the
+        file is opened and closed around each call, so other processes
+        (dask workers, DataLoader workers) can open it.
+    schema : dict of Feature, optional
+        Features of an ad hoc file, instead of the class's attributes.
+    **h5_kwargs
+        Passed to :class:`h5py.File` (``driver="core"``, ``locking=False``...).
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile, os
+    >>> import h5dask as h5m
+    >>> class Logs(h5m.TypedFile):
+    ...     loss = h5m.Array()
+    >>> path = os.path.join(tempfile.mkdtemp(), "logs.h5")
+    >>> with Logs(path, mode="w") as logs:
+    ...     _ = logs.add("train", {"loss": np.array([0.9, 0.5, 0.2])})
+    ...     logs.loss.get("train")
+    array([0.9, 0.5, 0.2])
+    """
+
+    __schema__: ClassVar[dict[str, Feature]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        schema: dict[str, Feature] = {}
+        for klass in reversed(cls.__mro__):
+            schema.update({k: v for k, v in vars(klass).items() if isinstance(v, Feature)})
+        cls.__schema__ = schema
+
+    def __init__(
+        self,
+        filename: str | os.PathLike,
+        mode: str = "r",
+        keep_open: bool = False,
+        schema: Mapping[str, Feature] | None = None,
+        **h5_kwargs: Any,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        self.filename = os.fspath(filename)
+        self.schema: dict[str, Feature] = _check_schema(schema) if schema else dict(self.__schema__)
+        if h5_kwargs.get("driver") == "core" and not h5_kwargs.get("backing_store", True):
+            keep_open = True  # an in-memory file lives only as long as its handle
+        self._handle = FileHandle(self.filename, "r" if mode == "r" else "r+", keep_open, **h5_kwargs)
+        self._cache: dict[str, Any] = {}
+        self._writer: Writer | None = None
+        if mode in ("r", "r+"):
+            self._layout()  # fail now on a missing or non-HDF5 file
+            return
+        f = open_h5(self.filename, mode, **h5_kwargs)
+        fmt.init_root(f)
+        self._init_schema(f)
+        if keep_open:
+            self._handle._file = f
+        else:
+            f.close()
+
+    # -- opening, closing, pickling ---------------------------------------------------------
+
+    @property
+    def mode(self) -> str:
+        """``"r"`` for a read-only file, else ``"r+"``."""
+        return self._handle.mode
+
+    @property
+    def keep_open(self) -> bool:
+        """Whether an HDF5 handle stays open between calls; settable."""
+        return self._handle.keep_open
+
+    @keep_open.setter
+    def keep_open(self, value: bool) -> None:
+        if not value:
+            self.flush()
+            self._handle.close()
+        self._handle.keep_open = bool(value)
+
+    def handle(self, mode: str | None = None) -> h5py.File:
+        """An open :class:`h5py.File` of this process (kept when ``keep_open``).
+
+        Prefer the proxies; close what this returns when ``keep_open`` is False.
+        """
+        self.flush()
+        if self.keep_open:
+            return self._handle._cached()
+        return open_h5(self.filename, mode or self.mode, **self._handle.h5_kwargs)
+
+    def flush(self) -> None:
+        """Commit every buffered ``add`` to the file."""
+        writer = self.__dict__.get("_writer")
+        if writer is not None and writer.pid == os.getpid():
+            writer.flush()
+        if self._handle.is_open and self.mode != "r":
+            self._handle._cached().flush()
+
+    def close(self) -> None:
+        """Commit buffered writes and close the kept handle, if any."""
+        self.flush()
+        self._handle.close()
+
+    def __enter__(self) -> TypedFile:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.flush()
+        except Exception:  # noqa: S110 - never raise from a finaliser
+            pass
+
+    def __getstate__(self) -> dict[str, Any]:
+        self.flush()
+        state = self.__dict__.copy()
+        state["_cache"] = {}
+        state["_writer"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    # -- ids -----------------------------------------------------------------------------------
+
+    @property
+    def index(self) -> IdIndex:
+        """Mapping of id to its position on the ids axis."""
+        self.flush()
+        return self._committed_index()
+
+    @property
+    def ids(self) -> np.ndarray:
+        """Every id, in file order (a numpy ``StringDType`` array)."""
+        return self.index.ids
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __contains__(self, id: object) -> bool:
+        return id in self.index
+
+    def refresh(self) -> TypedFile:
+        """Forget cached tables, to see what another process wrote since."""
+        self._invalidate()
+        return self
+
+    # -- proxies -------------------------------------------------------------------------------
+
+    def get_proxy(self, path: str) -> Proxy:
+        """The proxy of a group or feature by its path, e.g. ``"data/images"``.
+
+        Raises
+        ------
+        KeyError
+            Neither the file nor the schema has anything at ``path``.
+        """
+        path = path.strip("/")
+        if not path:
+            return GroupProxy(self, "", None)
+        node = self._layout().get(path)
+        feature = self._schema_node(path)
+        if node is not None and node.kind != "group":
+            return DatasetProxy(self, path, feature, has_refs=node.kind == "feature")
+        if self._children(path) or isinstance(feature, Group):
+            return GroupProxy(self, path, feature)
+        if node is not None or feature is not None:
+            return DatasetProxy(self, path, feature, has_refs=True)
+        raise KeyError(f"{self.filename!r} has no group or feature {path!r}")
+
+    @property
+    def root(self) -> GroupProxy:
+        """The proxy of the root group."""
+        return GroupProxy(self, "", None)
+
+    @property
+    def features(self) -> dict[str, DatasetProxy]:
+        """Every feature and dataset of the file, by path."""
+        return {path: self.get_proxy(path) for path in self._leaf_paths()}
+
+    def keys(self) -> list[str]:
+        """Names of the top-level groups and features."""
+        return self._children("")
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or "_handle" not in self.__dict__:
+            raise AttributeError(name)
+        if name in self._children(""):
+            return self.get_proxy(name)
+        raise AttributeError(f"{type(self).__name__} has no attribute or feature {name!r}")
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(self._children("")))
+
+    # -- reading and writing by id ---------------------------------------------------------------
+
+    def get(self, id: str | int) -> dict[str, Any]:
+        """Every feature's data for ``id``, as a nested dict; see :meth:`GroupProxy.get`."""
+        return self.root.get(id)
+
+    def __getitem__(self, id: str | int) -> dict[str, Any]:
+        return self.root.get(id)
+
+    def __setitem__(self, id: str, data: dict[str, Any]) -> None:
+        self.root.set(id, data)
+
+    def add(self, id: str, data: dict[str, Any]) -> TypedFile:
+        """Add ``data``, a (nested) dict by feature name, for ``id``.
+
+        Writes are buffered and committed in batches: on :meth:`flush`,
+        :meth:`close`, any read through this object, after about a second,
+        and at interpreter exit.
+        """
+        self._add(id, data)
+        return self
+
+    def set(self, id: str, data: dict[str, Any]) -> None:
+        """Replace the data of ``id`` in the features named by ``data``."""
+        self.root.set(id, data)
+
+    @classmethod
+    def create(
+        cls,
+        filename: str | os.PathLike,
+        sources: Any,
+        mode: str = "w",
+        schema: Mapping[str, Feature] | None = None,
+        n_workers: int | None = None,
+        scheduler: Any = None,
+        keep_open: bool = False,
+        on_error: str = "raise",
+        progress: bool = True,
+        **kwargs: Any,
+    ) -> TypedFile:
+        """Build a file from sources with parallel ``load`` tasks and one writer.
+
+        Parameters
+        ----------
+        filename : str or os.PathLike
+            The file to write.
+        sources : str, os.PathLike or iterable of them
+            Paths, directories (walked), globs, fsspec URLs or plain strings.
+        mode : {"w", "a", "r+", "w-", "x"}
+            ``"w"`` truncates; ``"a"`` and ``"r+"`` add to an existing file and
+            skip ids already committed, so an interrupted build resumes.
+        schema : dict of Feature, optional
+            Features of an ad hoc file instead of the class's attributes.
+        n_workers : int, optional
+            Worker processes of the embedded local cluster (default: cores).
+        scheduler : str or distributed.Client, optional
+            ``"sync"``, ``"threads"``, ``"processes"``, a scheduler address or a
+            Client. Default: the active distributed Client, else an embedded
+            local cluster.
+        keep_open : bool
+            Keep the returned file's HDF5 handle open.
+        on_error : {"raise", "skip"}
+            Stop at the first failure, or record failures in the file
+            (``file.errors``) and go on.
+        progress : bool
+            Show a progress bar.
+        **kwargs
+            ``parallelism`` (h5mapper's name: "mp", "threads", "none") and
+            :class:`h5py.File` options.
+
+        Returns
+        -------
+        TypedFile
+            The new file, open in mode ``"r+"``.
+
+        Raises
+        ------
+        SchemaError
+            The schema is empty or loads nothing.
+        LoadError, ConcatError
+            With ``on_error="raise"``: the first source that failed, naming
+            the source, the feature and the cause; every source before it
+            stays committed.
+        """
+        from .ingest import create
+
+        return create(
+            cls, filename, sources, mode, schema, n_workers, scheduler, keep_open, on_error,
+            progress, **kwargs,
+        )
+
+    @classmethod
+    def load(cls, source: Any, schema: Mapping[str, Feature] | None = None) -> dict[str, Any]:
+        """Run the schema's features on one source, as ``create`` does, without writing."""
+        return load_schema(source, schema or cls.__schema__)
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The root group's attributes, decoded."""
+        return self._attrs("")
+
+    # -- internals used by proxies and the writer ---------------------------------------------------
+
+    def _add(self, id: str, data: Any) -> None:
+        if not isinstance(id, str):
+            raise TypeError(f"ids are str, not {type(id).__name__}")
+        result = normalize(data, id, "")
+        if result is None:
+            return
+        if not isinstance(result, dict):
+            raise ResultTypeError(id, "", "add() on a file takes a dict of features")
+        if self.mode == "r":
+            self._handle.open(write=True).__enter__()  # raises ReadOnlyError
+        writer = self._get_writer()
+        writer.append(id, result)
+        if writer.pending:
+            _WRITING.add(self)
+
+    def _get_writer(self) -> Writer:
+        if self._writer is None or self._writer.pid != os.getpid():
+            self._writer = Writer(self)
+        return self._writer
+
+    def _layout(self) -> dict[str, fmt.Node]:
+        if "layout" not in self._cache:
+            with self._handle.open() as f:
+                self._cache["layout"] = fmt.read_layout(f)
+        return self._cache["layout"]
+
+    def _committed_index(self) -> IdIndex:
+        if "index" not in self._cache:
+            with self._handle.open() as f:
+                self._cache["index"] = IdIndex(fmt.read_ids(f))
+        return self._cache["index"]
+
+    def _refs(self, path: str) -> np.ndarray:
+        self.flush()
+        key = "refs:" + path
+        if key not in self._cache:
+            n = len(self._committed_index())
+            node = self._layout().get(path)
+            if node is None or node.kind != "feature":
+                self._cache[key] = np.full((n, 2), -1, dtype=np.int64)
+            else:
+                with self._handle.open() as f:
+                    self._cache[key] = fmt.read_refs(f[path], n)
+        return self._cache[key]
+
+    def _invalidate(self) -> None:
+        self._cache.clear()
+
+    def _read(self, path: str, item: Any) -> Any:
+        self.flush()
+        with self._handle.open() as f:
+            ds = f[path]
+            if fmt.is_string_dtype(ds.dtype) and h5py.check_string_dtype(ds.dtype).encoding == "utf-8":
+                ds = ds.asstr()
+            return ds[item]
+
+    def _write(self, path: str, item: Any, value: Any) -> None:
+        self.flush()
+        with self._handle.open(write=True) as f:
+            f[path][item] = value
+
+    def _attrs(self, path: str) -> dict[str, Any]:
+        self.flush()
+        with self._handle.open() as f:
+            obj = f[path] if path else f
+            return fmt.read_attrs(obj) if obj is not None else {}
+
+    def _spec(self, path: str) -> Spec:
+        node = self._layout()[path]
+        return Spec(node.dtype, node.shape[1:], self._ds_kwargs(path).get("dtype") is not None)
+
+    def _children(self, path: str) -> list[str]:
+        names: dict[str, None] = {}
+        node = self.schema if not path else getattr(self._schema_node(path), "features", {})
+        names.update(dict.fromkeys(node))
+        prefix = path + "/" if path else ""
+        for key in self._layout():
+            if key.startswith(prefix) and "/" not in key[len(prefix) :]:
+                names[key[len(prefix) :]] = None
+        return list(names)
+
+    def _leaf_paths(self) -> list[str]:
+        return [p for p, node in self._layout().items() if node.kind != "group"]
+
+    def _feature_paths(self) -> list[str]:
+        return [p for p, node in self._layout().items() if node.kind == "feature"]
+
+    def _schema_node(self, path: str) -> Feature | None:
+        """The schema feature at ``path``, or the feature whose dict results live there."""
+        node: Any = None
+        members: Mapping[str, Feature] = self.schema
+        for part in path.split("/"):
+            if part not in members:
+                return node if node is not None and not isinstance(node, Group) else None
+            node = members[part]
+            members = node.features if isinstance(node, Group) else {}
+        return node
+
+    def _ds_kwargs(self, path: str) -> dict[str, Any]:
+        """h5py dataset kwargs for ``path``, from its feature's ``__ds_kwargs__``."""
+        parts = path.split("/")
+        members: Mapping[str, Feature] = self.schema
+        for i, part in enumerate(parts):
+            feature = members.get(part)
+            if feature is None:
+                return {}
+            if isinstance(feature, Group):
+                members = feature.features
+                continue
+            kwargs = dict(getattr(feature, "__ds_kwargs__", {}) or {})
+            for key in parts[i + 1 :]:
+                if isinstance(kwargs.get(key), dict):
+                    kwargs = dict(kwargs[key])
+            return {k: v for k, v in kwargs.items() if not isinstance(v, dict)}
+        return {}
+
+    def _init_schema(self, f: h5py.File) -> None:
+        """Create the declared groups and store every feature's ``attrs``."""
+        for path, feature in _walk(self.schema):
+            group = f.require_group(path)
+            if feature.attrs:
+                fmt.write_attrs(group, feature.attrs)
+        self._invalidate()
+
+    def _init_feature_group(self, f: h5py.File, path: str) -> None:
+        """Store the attrs of the schema feature owning ``path`` if its group is new."""
+        owner = _owner_path(self.schema, path)
+        if owner and owner not in f:
+            fmt.write_attrs(f.require_group(owner), self._schema_node(owner).attrs)
+
+    # -- display -----------------------------------------------------------------------------------
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__qualname__} {self.filename!r} mode={self.mode!r}>"
+
+    def info(self) -> None:
+        """Print the file's 2-D table: features down, ids across."""
+        print(text_table(self))
+
+    def _repr_html_(self) -> str:
+        return html_table(self)
+
+    # -- errors recorded by create(on_error="skip") ---------------------------------------------
+
+    @property
+    def errors(self) -> list[Failure]:
+        """Failures recorded by ``create(..., on_error="skip")``, oldest first."""
+        self.flush()
+        with self._handle.open() as f:
+            return read_failures(f)
+
+
+def _check_schema(schema: Mapping[str, Any]) -> dict[str, Feature]:
+    for name, feature in schema.items():
+        if not isinstance(feature, Feature):
+            raise SchemaError(f"schema entry {name!r} is a {type(feature).__name__}, not a Feature")
+        if not name or "/" in name or name in fmt.RESERVED:
+            raise SchemaError(f"{name!r} cannot name a feature")
+        feature.name = feature.name or name
+    return dict(schema)
+
+
+def _walk(schema: Mapping[str, Feature], prefix: str = ""):
+    for name, feature in schema.items():
+        path = prefix + name
+        yield path, feature
+        if isinstance(feature, Group):
+            yield from _walk(feature.features, path + "/")
+
+
+def _owner_path(schema: Mapping[str, Feature], path: str) -> str:
+    """Path of the schema feature that owns ``path`` (itself, or a dict-returning parent)."""
+    members, owner = schema, []
+    for part in path.split("/"):
+        feature = members.get(part)
+        if feature is None:
+            break
+        owner.append(part)
+        if not isinstance(feature, Group):
+            break
+        members = feature.features
+    return "/".join(owner)
+
+
+@atexit.register
+def _flush_all() -> None:
+    for file in list(_WRITING):
+        try:
+            file.flush()
+        except Exception as exc:  # reported, never raised at exit
+            print(f"h5dask: could not commit buffered writes to {file.filename!r}: {exc}")
