@@ -141,6 +141,7 @@ class DirLabels(Feature):
         if self.vocabulary is None:
             raise RuntimeError(
                 "DirLabels has no vocabulary yet: call before_create(sources) "
-                "(TypedFile.create does) or pass vocabulary=[...]"
+                "(TypedFile.create does) or pass vocabulary=[...], e.g. the stored "
+                "proxy.attrs['vocabulary'] of an existing file"
             )
         return self.vocabulary
