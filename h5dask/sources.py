@@ -131,6 +131,8 @@ def expand_sources(
     """
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
+    elif isinstance(sources, (bytes, bytearray)):
+        raise TypeError("sources must be str, os.PathLike or an iterable of them, not bytes")
     search = re.compile(pattern).search if pattern is not None else None
     lister = _Lister(storage_options or {})
     out: list[str] = []
@@ -283,8 +285,12 @@ def _files_below(fs: fsspec.AbstractFileSystem, top: str) -> Iterator[str]:
     """Relative paths of the non-hidden files below ``top``; errors listing it raise."""
     root = fs._strip_protocol(top).rstrip("/")
     http = not _protocols(fs).isdisjoint(_HTTP)
-    for dirpath, dirs, files in fs.walk(top, on_error="raise"):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]  # prune hidden folders
+    for dirpath, dirs, files in fs.walk(top, on_error="raise", detail=True):
+        below = dirpath.rstrip("/") + "/"
+        for d, info in list(dirs.items()):
+            # prune hidden folders, and links of an HTML index back to the folder itself
+            if d.startswith(".") or not info["name"].rstrip("/").startswith(below):
+                del dirs[d]
         reldir = dirpath[len(root) :].strip("/") if dirpath.startswith(root) else dirpath
         for name in files:
             if not name or name.startswith(".") or (http and ("?" in name or "#" in name)):

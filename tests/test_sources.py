@@ -81,6 +81,25 @@ def test_existing_local_file_is_kept(tree):
 def test_non_string_source_is_a_type_error():
     with pytest.raises(TypeError, match="int"):
         expand_sources([0, 1])
+    with pytest.raises(TypeError, match="bytes"):
+        expand_sources(b"data")
+
+
+def test_chained_urls_pass_through(memory_fs):
+    memory_fs.pipe("memory://bucket/a.bin", b"abc")
+    source = "simplecache::memory://bucket/a.bin"
+    assert expand_sources([source]) == [source]
+    with open_source(source) as f:
+        assert f.read() == b"abc"
+
+
+def test_file_urls_keep_their_protocol(tree):
+    url = (tree / "data" / "imgs").as_uri()
+    assert url.startswith("file:///")
+    assert expand_sources(url) == expected(url + "/")
+    assert expand_sources(url + "/*.png") == [url + "/b.png"]
+    with open_source(url + "/b.png") as f:
+        assert f.read() == b"x"
 
 
 def test_many_plain_strings_are_fast(tmp_path, monkeypatch):
@@ -322,6 +341,31 @@ def test_http_errors(http_tree, dead_url):
     assert isinstance(info.value.__cause__, FileNotFoundError)
     with pytest.raises(SourceError, match=re.escape(f"{http_tree.url}/empty/")):
         expand_sources(f"{http_tree.url}/empty/")
+    with pytest.raises(SourceError, match=re.escape(f"{http_tree.url}/nope/*.png")) as info:
+        expand_sources(f"{http_tree.url}/nope/*.png")
+    assert isinstance(info.value.__cause__, FileNotFoundError)
+    with pytest.raises(SourceError, match=re.escape(f"{http_tree.url}/dir/*.gif")):
+        expand_sources(f"{http_tree.url}/dir/*.gif")
+
+
+def test_http_listing_is_the_links_of_the_index_page(http_server):
+    # an Apache-like index page: sorting links (queries) and the parent are ignored, and
+    # only linked files are found (index.html itself is not linked, so it is not listed)
+    write(http_server.root / "apache", ["x.png", "unlinked.png", "sub/y.png"])
+    (http_server.root / "apache" / "index.html").write_text(
+        '<a href="?C=N;O=D">Name</a> <a href="/">Parent Directory</a>'
+        '<a href="x.png">x.png</a> <a href="sub/">sub/</a> <a href="#top">top</a>'
+    )
+    url = f"{http_server.url}/apache/"
+    assert expand_sources(url) == [url + "sub/y.png", url + "x.png"]
+
+
+def test_http_storage_options(http_tree):
+    url = f"{http_tree.url}/dir/a/deep/"
+    ids = expand_sources(url, storage_options={"headers": {"X-Test": "1"}})
+    assert ids == [url + "3.jpg"]
+    with open_source(ids[0], headers={"X-Test": "1"}) as f:
+        assert f.read() == b"x"
 
 
 def test_unreachable_http_prefix_is_an_error(dead_url):
