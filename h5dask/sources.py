@@ -6,10 +6,12 @@ is an id as it is (``"0"`` or ``"run-3"`` are fine sources).
 
 Notes
 -----
-- A local source is a directory when :func:`os.path.isdir` says so. A URL is listed
-  when it ends with ``"/"`` or holds glob characters; otherwise it is asked
-  ``fs.isdir`` only for protocols where that is cheap (``memory``, ``file``), so that a
-  list of many plain URLs costs no network round trip.
+- A local source is a directory when :func:`os.path.isdir` says so (one ``stat`` per
+  source; a missing path is kept, to fail when loaded, unless it ends with a separator).
+  A URL is listed when it ends with ``"/"`` or holds glob characters; otherwise it is
+  asked ``fs.isdir`` only where that is cheap (``memory``, ``file``): a plain
+  ``http://host/dir`` is a file, and many plain URLs cost no network round trip.
+- Folders that a glob matches are walked like directories.
 - Glob characters are ``*``, ``?`` and ``[``, except for ``http(s)`` URLs where ``?``
   starts a query string, as in fsspec's HTTP filesystem.
 - Hidden files and folders (a path component below the given prefix starting with
@@ -18,8 +20,11 @@ Notes
 - HTTP listing is fsspec's: the links (``href``) of the HTML page at the URL, links
   ending with ``"/"`` being directories. It suits index pages such as those of
   ``python -m http.server``, nginx ``autoindex`` or Apache; links carrying a query or a
-  fragment (Apache's column-sorting links) are ignored. Errors of sub-folders are
-  skipped by fsspec's walk; only the given prefix must be listable.
+  fragment (Apache's column-sorting links) and links back to the folder itself are
+  ignored. Only linked files are found: a folder holding an ``index.html`` is listed as
+  that page's links. Names are as linked, so percent-encoded (``a%20b.png``), which
+  fsspec opens. Sub-folders are fetched one by one; their errors are skipped by
+  fsspec's walk, only the given prefix must be listable.
 - Chained URLs (``"simplecache::s3://bucket/key"``) are passed through unchanged.
 """
 
@@ -105,13 +110,15 @@ def expand_sources(
     -------
     list of str
         Ids in a stable order: the order of ``sources``, each expansion sorted.
-        Repeated ids are dropped (keeping the first) with a warning.
+        Repeated ids are dropped (keeping the first) with a warning; so is a
+        directory or glob that yields nothing, when other sources yield ids.
 
     Raises
     ------
     SourceError
-        Nothing to expand, nothing found, an unknown protocol, or a prefix that
-        cannot be listed (the original exception is chained).
+        Nothing given or nothing found, an unknown protocol, a local path ending with a
+        separator that is not a directory, or a prefix that cannot be listed (the
+        original exception is chained). Messages name the sources.
     TypeError
         A source that is neither a string nor a path.
 
