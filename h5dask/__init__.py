@@ -4,7 +4,7 @@ Declare a type of file as a class of features, build it from many sources,
 read it by id or like h5py, analyse it with dask and serve it to PyTorch.
 """
 
-from . import errors
+from . import errors, features
 from .errors import H5DaskError
 from .feature import Array, Feature, Group, String
 from .proxy import DatasetProxy, GroupProxy, Proxy
@@ -27,10 +27,3 @@ __all__ = [
     "features",
 ]
 
-
-def __getattr__(name: str):
-    if name == "features":
-        from . import features
-
-        return features
-    raise AttributeError(f"module 'h5dask' has no attribute {name!r}")

@@ -13,7 +13,6 @@ from typing import Any
 
 import h5py
 import numpy as np
-from numpy.dtypes import StringDType
 
 FORMAT = "h5dask"
 FORMAT_VERSION = 1
@@ -56,10 +55,10 @@ def n_ids(f: h5py.File) -> int:
 
 
 def read_ids(f: h5py.File) -> np.ndarray:
-    """All committed ids, as a numpy ``StringDType`` array (no Python objects per id)."""
-    if IDS not in f:
-        return np.array([], dtype=StringDType())
-    return np.array(f[IDS][:], dtype=StringDType())
+    """All committed ids, as a fixed-width array of their UTF-8 bytes (no object per id)."""
+    if IDS not in f or not f[IDS].shape[0]:
+        return np.array([], dtype="S1")
+    return f[IDS][:].astype("S")
 
 
 def append_ids(f: h5py.File, ids: list[str]) -> None:
