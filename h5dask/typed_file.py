@@ -128,9 +128,7 @@ class TypedFile:
 
     def flush(self) -> None:
         """Commit every buffered ``add`` to the file."""
-        writer = self.__dict__.get("_writer")
-        if writer is not None and writer.pid == os.getpid():
-            writer.flush()
+        self._commit()
         if self._handle.is_open and self.mode != "r":
             self._handle._cached().flush()
 
@@ -355,7 +353,18 @@ class TypedFile:
             self._writer = Writer(self)
         return self._writer
 
+    def _commit(self) -> None:
+        """Write what this process's writer buffers, so that reads see it."""
+        writer = self.__dict__.get("_writer")
+        if writer is not None and writer.pid == os.getpid() and writer.pending:
+            writer.flush()
+
     def _layout(self) -> dict[str, fmt.Node]:
+        """What the file holds, buffered writes included."""
+        self._commit()
+        return self._committed_layout()
+
+    def _committed_layout(self) -> dict[str, fmt.Node]:
         if "layout" not in self._cache:
             with self._handle.open() as f:
                 self._cache["layout"] = fmt.read_layout(f)

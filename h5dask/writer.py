@@ -147,7 +147,7 @@ class Writer:
         return spec.check(array, id, path)
 
     def _spec_in_file(self, id: str, path: str) -> Spec | None:
-        layout = self.file._layout()
+        layout = self.file._committed_layout()
         node = layout.get(path)
         if node is not None and node.kind == "feature":
             return Spec(node.dtype, node.shape[1:], self.file._ds_kwargs(path).get("dtype") is not None)
