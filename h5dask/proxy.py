@@ -122,6 +122,8 @@ class GroupProxy(Proxy):
             raise UnknownIdError(id, self.file.filename)
         out = {}
         for name, child in self.children.items():
+            if isinstance(child, DatasetProxy) and not child.has_refs:
+                continue  # a plain dataset of a foreign file has no data by id
             value = child.get(id)
             if value is not None and not (isinstance(value, dict) and not value):
                 out[name] = value
