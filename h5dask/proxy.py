@@ -263,11 +263,13 @@ class DatasetProxy(Proxy):
         if isinstance(item, str):
             self.set(item, value)
             return
+        self.file._check_writable(f"feature {self.path!r}, item {item!r}")
         self.file._write(self.values_path, item, value)
 
     def set(self, id: str, data: Any) -> None:
         """Replace the array of ``id``: in place when its length is unchanged, else appended."""
         id = self._check_id(id)
+        self.file._check_writable(f"source {id!r}, feature {self.path!r}")
         array = normalize(data, id, self.path)
         if isinstance(array, dict):
             raise TypeError(f"{self.path!r} is an array feature; set() takes an array, not a dict")

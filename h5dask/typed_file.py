@@ -13,8 +13,8 @@ import numpy as np
 
 from . import format as fmt
 from .display import html_table, text_table
-from .errors import ResultTypeError, SchemaError
-from .extract import load_schema, normalize
+from .errors import ReadOnlyError, ResultTypeError, SchemaError
+from .extract import flatten, load_schema, normalize
 from .failures import Failure, read_failures
 from .feature import Feature, Group
 from .handle import FileHandle, open_h5
@@ -341,8 +341,7 @@ class TypedFile:
             return
         if not isinstance(result, dict):
             raise ResultTypeError(id, "", "add() on a file takes a dict of features")
-        if self.mode == "r":
-            self._handle.open(write=True).__enter__()  # raises ReadOnlyError
+        self._check_writable(f"source {id!r}, feature {', '.join(flatten(result))!r}")
         writer = self._get_writer()
         writer.append(id, result)
         if writer.pending:
@@ -399,6 +398,13 @@ class TypedFile:
             if fmt.is_string_dtype(ds.dtype) and h5py.check_string_dtype(ds.dtype).encoding == "utf-8":
                 ds = ds.asstr()
             return ds[item]
+
+    def _check_writable(self, what: str) -> None:
+        """Raise :class:`ReadOnlyError` naming ``what`` was to be written, in mode ``"r"``."""
+        if self.mode == "r":
+            raise ReadOnlyError(
+                f"{what}: {self.filename!r} is open read-only; open it with mode='r+'"
+            )
 
     def _write(self, path: str, item: Any, value: Any) -> None:
         self.flush()
