@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import format as fmt
+from .display import html_table
 from .errors import H5DaskError, UnknownIdError
 from .extract import normalize
 
@@ -72,6 +73,9 @@ class Proxy:
 
     def __hash__(self) -> int:
         return hash((id(self.file), self.path))
+
+    def _repr_html_(self) -> str:
+        return html_table(self.file, path=self.path)
 
 
 class GroupProxy(Proxy):
