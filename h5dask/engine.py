@@ -1,36 +1,248 @@
-"""Running ``Feature.load`` over many sources; yields results in id order."""
+"""The load engine: ``Feature.load`` over many sources on dask, results in id order.
+
+Sources are cut into partitions of many ids (one dask task each, so the task
+overhead stays small against the work). Each task returns its results packed:
+one concatenated array per feature and partition, so moving them from worker
+processes to the writer costs a few large messages instead of one per source.
+At most a window of partitions is in flight, so the writer's memory stays flat
+however many sources there are; results are yielded in id order whatever
+finishes first, which makes the output independent of the scheduler.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import math
+import os
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
+import dask
+import numpy as np
 from tqdm.auto import tqdm
 
 from .errors import H5DaskError
-from .extract import load_schema
+from .extract import flatten, load_schema
 from .feature import Feature
 
-__all__ = ["run_loads", "load_one"]
+__all__ = ["run_loads", "load_partition", "Packed", "partition_size"]
+
+LOCAL = {"sync": "sync", "synchronous": "sync", "single-threaded": "sync"}
+LOCAL.update(threads="threads", threading="threads", processes="processes")
+LOCAL.update(multiprocessing="processes")
+MAX_PARTITION = 512
 
 
-def load_one(id: str, schema: dict[str, Feature]) -> Any:
-    """The result of ``id``, or the h5dask error that its loading raised."""
-    try:
-        return load_schema(id, schema)
-    except H5DaskError as exc:
-        return exc
+@dataclass
+class Packed:
+    """The results of one partition: per feature, one array and each id's row count.
+
+    ``rows[path][k]`` is the number of rows of the k-th id in ``values[path]``
+    (``-1`` where it has none); ``loose`` holds the arrays of features whose
+    results could not be concatenated within the partition; ``errors`` maps
+    an id to the error its loading raised.
+    """
+
+    ids: list[str]
+    values: dict[str, np.ndarray]
+    rows: dict[str, np.ndarray]
+    loose: dict[str, dict[int, np.ndarray]]
+    errors: dict[int, H5DaskError]
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        """``(id, flat result or error)`` for every id, in order."""
+        starts = {p: np.concatenate([[0], np.cumsum(r.clip(0))]) for p, r in self.rows.items()}
+        for k, id in enumerate(self.ids):
+            if k in self.errors:
+                yield id, self.errors[k]
+                continue
+            flat = {p: arrays[k] for p, arrays in self.loose.items() if k in arrays}
+            for path, rows in self.rows.items():
+                if rows[k] >= 0:
+                    flat[path] = self.values[path][starts[path][k] : starts[path][k + 1]]
+            yield id, flat
+
+
+def load_partition(ids: list[str], schema: dict[str, Feature]) -> Packed:
+    """Run the schema on each id of a partition and pack the results (the task body)."""
+    results: list[dict[str, np.ndarray]] = []
+    errors: dict[int, H5DaskError] = {}
+    for k, id in enumerate(ids):
+        try:
+            results.append(flatten(load_schema(id, schema)))
+        except H5DaskError as exc:
+            errors[k] = exc
+            results.append({})
+    return _pack(ids, results, errors)
+
+
+def _pack(ids: list[str], results: list[dict[str, np.ndarray]], errors: dict) -> Packed:
+    paths = dict.fromkeys(p for r in results for p in r)
+    packed = Packed(ids, {}, {}, {}, errors)
+    for path in paths:
+        arrays = [r.get(path) for r in results]
+        present = [a for a in arrays if a is not None]
+        if len({(a.dtype, a.shape[1:]) for a in present}) == 1 and present[0].dtype.kind != "O":
+            packed.values[path] = np.concatenate(present)
+            packed.rows[path] = np.array([-1 if a is None else len(a) for a in arrays])
+        else:
+            packed.loose[path] = {k: a for k, a in enumerate(arrays) if a is not None}
+    return packed
+
+
+def partition_size(n_ids: int, n_workers: int) -> int:
+    """Ids per task: about 8 tasks per worker, at most :data:`MAX_PARTITION`."""
+    return max(1, min(MAX_PARTITION, math.ceil(n_ids / (8 * max(1, n_workers)))))
 
 
 def run_loads(
     ids: list[str],
     schema: dict[str, Feature],
-    n_workers: int | None,
-    scheduler: Any,
-    progress: bool,
+    n_workers: int | None = None,
+    scheduler: Any = None,
+    progress: bool = True,
 ) -> Iterator[tuple[str, Any]]:
-    """Yield ``(id, result or error)`` for every id, in order."""
-    with tqdm(total=len(ids), disable=not progress, unit="src", desc="create") as bar:
-        for id in ids:
-            yield id, load_one(id, schema)
-            bar.update()
+    """Yield ``(id, flat result or H5DaskError)`` for every id, in order.
+
+    Parameters
+    ----------
+    ids : list of str
+        The sources, in the order of the file.
+    schema : dict of Feature
+        The features to run.
+    n_workers : int, optional
+        Workers of an embedded cluster or local pool (default: the cores).
+    scheduler : str or distributed.Client, optional
+        ``"sync"``, ``"threads"``, ``"processes"``, a scheduler address or a
+        Client; default: the active Client, else an embedded LocalCluster.
+    progress : bool
+        Show a progress bar (a widget in Jupyter).
+    """
+    if not ids:
+        return
+    with _submitter(scheduler, n_workers) as (submit, workers, where):
+        size = partition_size(len(ids), workers)
+        parts = [ids[i : i + size] for i in range(0, len(ids), size)]
+        bar = tqdm(total=len(ids), disable=not progress, unit="src", desc=f"create ({where})")
+        with bar:
+            for packed in _in_order(submit, parts, schema, window=2 * workers + 2):
+                yield from packed
+                bar.update(len(packed.ids))
+
+
+def _in_order(
+    submit: Callable, parts: list[list[str]], schema: dict[str, Feature], window: int
+) -> Iterator[Packed]:
+    queue: deque = deque()
+    todo = iter(parts)
+    try:
+        for part in todo:
+            queue.append(submit(load_partition, part, schema))
+            if len(queue) >= window:
+                break
+        while queue:
+            packed = queue.popleft().result()
+            part = next(todo, None)
+            if part is not None:
+                queue.append(submit(load_partition, part, schema))
+            yield packed
+    finally:
+        for future in queue:
+            future.cancel()
+
+
+@contextmanager
+def _submitter(scheduler: Any, n_workers: int | None) -> Iterator[tuple[Callable, int, str]]:
+    """A ``submit(fn, *args) -> future`` for the chosen scheduler, its worker count and name."""
+    n_workers = n_workers or os.cpu_count() or 1
+    if isinstance(scheduler, str) and scheduler in LOCAL:
+        with _local_pool(LOCAL[scheduler], n_workers) as submit:
+            yield submit, (1 if LOCAL[scheduler] == "sync" else n_workers), LOCAL[scheduler]
+        return
+    with _client(scheduler, n_workers) as client:
+        workers = max(1, sum(client.nthreads().values()))
+        link = getattr(client, "dashboard_link", None)
+        yield _distributed_submit(client), workers, f"dask {link}" if link else "dask"
+
+
+@contextmanager
+def _local_pool(kind: str, n_workers: int) -> Iterator[Callable]:
+    if kind == "sync":
+        yield _SyncSubmit()
+        return
+    pool: Executor
+    if kind == "threads":
+        pool = ThreadPoolExecutor(n_workers)
+    else:
+        import multiprocessing
+
+        method = dask.config.get("multiprocessing.context", "spawn")
+        pool = ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context(method))
+    try:
+        yield pool.submit
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Done:
+    def __init__(self, fn: Callable, args: tuple):
+        self.fn, self.args = fn, args
+
+    def result(self) -> Any:
+        return self.fn(*self.args)
+
+    def cancel(self) -> bool:
+        return True
+
+
+class _SyncSubmit:
+    """Runs each task when its result is asked for, in the calling thread."""
+
+    def __call__(self, fn: Callable, *args: Any) -> _Done:
+        return _Done(fn, args)
+
+
+@contextmanager
+def _client(scheduler: Any, n_workers: int) -> Iterator[Any]:
+    import distributed
+
+    if isinstance(scheduler, distributed.Client):
+        yield scheduler
+        return
+    if scheduler is not None:
+        if not isinstance(scheduler, str):
+            raise ValueError(
+                "scheduler must be 'sync', 'threads', 'processes', a scheduler address or a "
+                f"distributed.Client, not {scheduler!r}"
+            )
+        with distributed.Client(scheduler) as client:
+            yield client
+        return
+    try:
+        yield distributed.get_client()
+        return
+    except ValueError:
+        pass
+    with (
+        dask.config.set({"distributed.worker.daemon": False}),
+        distributed.LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",
+            silence_logs=logging.ERROR,
+        ) as cluster,
+        distributed.Client(cluster, set_as_default=False) as client,
+    ):
+        yield client
+
+
+def _distributed_submit(client: Any) -> Callable:
+    def submit(fn: Callable, *args: Any) -> Any:
+        return client.submit(fn, *args, pure=False)
+
+    return submit

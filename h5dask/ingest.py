@@ -42,7 +42,9 @@ def create(
         raise ValueError(f"create() takes mode 'w', 'a', 'r+', 'w-' or 'x', not {mode!r}")
     if parallelism is not None and scheduler is None:
         if parallelism not in PARALLELISM:
-            raise ValueError(f"parallelism must be one of {sorted(PARALLELISM)}, not {parallelism!r}")
+            raise ValueError(
+                f"parallelism must be one of {sorted(PARALLELISM)}, not {parallelism!r}"
+            )
         scheduler = PARALLELISM[parallelism]
     ids = expand_sources(sources)
     file = cls(filename, mode=mode, schema=schema, **h5_kwargs)
@@ -50,7 +52,7 @@ def create(
         feature.before_create(ids)
     with file._handle.open(write=True) as f:
         file._init_schema(f)
-    todo = [i for i, committed in zip(ids, file.index.positions(ids) >= 0) if not committed]
+    todo = [i for i, pos in zip(ids, file.index.positions(ids), strict=True) if pos < 0]
     failures = _ingest(file, todo, schema, n_workers, scheduler, on_error, progress)
     _after_create(file, schema)
     file.keep_open = keep_open
@@ -59,7 +61,9 @@ def create(
     return file
 
 
-def _resolve_schema(cls: type[TypedFile], schema: Mapping[str, Feature] | None) -> dict[str, Feature]:
+def _resolve_schema(
+    cls: type[TypedFile], schema: Mapping[str, Feature] | None
+) -> dict[str, Feature]:
     if schema is not None and not schema:
         raise SchemaError("the schema is empty: give create() at least one Feature")
     schema = _check_schema(schema) if schema else dict(cls.__schema__)
@@ -69,7 +73,9 @@ def _resolve_schema(cls: type[TypedFile], schema: Mapping[str, Feature] | None) 
         )
     if not any(feature.loads for feature in schema.values()):
         names = ", ".join(schema)
-        raise SchemaError(f"no feature of the schema ({names}) implements load(); nothing to create")
+        raise SchemaError(
+            f"no feature of the schema ({names}) implements load(); nothing to create"
+        )
     return schema
 
 
