@@ -62,7 +62,8 @@ class Proxy:
         feature = self.__dict__.get("feature")
         if feature is not None and not name.startswith("__") and hasattr(feature, name):
             return getattr(feature, name)
-        raise AttributeError(f"{type(self).__name__} {self.path!r} has no attribute {name!r}")
+        path = self.__dict__.get("path")  # absent while unpickling
+        raise AttributeError(f"{type(self).__name__} {path!r} has no attribute {name!r}")
 
     def __eq__(self, other: object) -> bool:
         return (
