@@ -1,0 +1,451 @@
+"""TypedFile: create, open modes, ids, add/get/set, handles, pickling, foreign and in-memory files."""
+
+from __future__ import annotations
+
+import multiprocessing
+import pickle
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+import h5dask as h5m
+from h5dask.errors import FileFormatError, UnknownIdError
+
+SOURCES = [str(i) for i in range(6)]
+
+
+class Rows(h5m.Feature):
+    """``n + 1`` rows of 3 floats for source ``"n"`` (ragged along axis 0)."""
+
+    __re__ = r"^\d+$"
+
+    @property
+    def attrs(self):
+        return {"param1": 18, "param2": "hey", "param3": None}
+
+    def load(self, source):
+        n = int(source)
+        return np.full((n + 1, 3), n, dtype=np.float32)
+
+    def custom_method(self, inputs):
+        return np.zeros_like(inputs)
+
+
+class Pair(h5m.Feature):
+    """A dict of two arrays."""
+
+    __re__ = r"^\d+$"
+
+    def load(self, source):
+        n = int(source)
+        return {"x": np.arange(n + 1), "y": np.full((2, 2), n, dtype=np.int16)}
+
+
+class Nested(h5m.Feature):
+    """A dict of dicts."""
+
+    __re__ = r"^\d+$"
+
+    def load(self, source):
+        n = int(source)
+        return {"p": {"x": np.full(2, n)}, "q": {"y": np.full(3, n, dtype=np.float64)}}
+
+
+class Word(h5m.Feature):
+    """The source string itself."""
+
+    def load(self, source):
+        return source
+
+
+class Doubled(h5m.Feature):
+    """Derived from ``rows``: receives its result, not the source."""
+
+    derived_from = "rows"
+
+    def load(self, rows):
+        return rows[:, 0] * 2
+
+
+class Zeroed(h5m.Feature):
+    """Writes, then zeroes its dataset in ``after_create``."""
+
+    __re__ = r"^\d+$"
+
+    def load(self, source):
+        return np.ones(2)
+
+    def after_create(self, file, feature_key):
+        proxy = file.get_proxy(feature_key)
+        proxy[:] = np.zeros(len(proxy))
+
+
+class Experiment(h5m.TypedFile):
+    rows = Rows()
+    pair = Pair()
+    nested = Nested()
+    word = Word()
+    doubled = Doubled()
+    zeroed = Zeroed()
+    logs = h5m.Group(loss=h5m.Array())
+
+    def after_create(self):
+        self.logs.add("created", {"loss": np.array([1.0, 0.5])})
+
+
+@pytest.fixture
+def exp(tmp_path):
+    return Experiment.create(tmp_path / "exp.h5", SOURCES, scheduler="sync", progress=False)
+
+
+def test_create_returns_an_r_plus_file_without_handle(exp):
+    assert isinstance(exp, Experiment)
+    assert exp.mode == "r+"
+    assert not exp._handle.is_open
+    assert exp.ids.tolist() == [*SOURCES, "created"]
+    assert len(exp) == 7 and "3" in exp and "7" not in exp
+
+
+def test_arrays_by_id_ref_and_item(exp):
+    assert np.array_equal(exp.rows.get("2"), np.full((3, 3), 2, dtype=np.float32))
+    assert np.array_equal(exp.rows["4"], np.full((5, 3), 4, dtype=np.float32))
+    assert np.array_equal(exp.rows[exp.rows.refs[1]], np.full((2, 3), 1, dtype=np.float32))
+    assert exp.rows.get(2).shape == (3, 3)  # an int is the position of an id
+    assert exp.rows.shape == (21, 3) and len(exp.rows) == 21
+    assert exp.rows.dtype == np.float32
+    assert np.array_equal(exp.rows[:3, 0], [0, 1, 1])
+    assert np.array_equal(exp.rows[[0, 2]][:, 0], [0, 1])
+    assert exp.rows.get("created") is None
+    assert exp.rows.ids.tolist() == SOURCES
+
+
+def test_dicts_and_dicts_of_dicts(exp):
+    got = exp.pair.get("3")
+    assert set(got) == {"x", "y"}
+    assert np.array_equal(got["x"], np.arange(4))
+    assert got["y"].dtype == np.int16 and got["y"].shape == (2, 2)
+    assert np.array_equal(exp.pair["3"]["x"], got["x"])
+    nested = exp.nested["5"]
+    assert np.array_equal(nested["p"]["x"], [5, 5])
+    assert np.array_equal(nested["q"]["y"], [5.0] * 3)
+    assert isinstance(exp.nested.p, h5m.GroupProxy)
+    assert isinstance(exp.nested.p.x, h5m.DatasetProxy)
+
+
+def test_strings_are_stored_as_utf8(exp):
+    assert exp.word.get("4").tolist() == ["4"]
+    assert exp.word[:].tolist() == SOURCES
+    exp.word.add("ünïcode", "ünïcode")
+    assert exp.word.get("ünïcode").tolist() == ["ünïcode"]
+
+
+def test_derived_from_and_after_create(exp):
+    assert np.array_equal(exp.doubled.get("3"), [6.0] * 4)
+    assert np.array_equal(exp.zeroed[:], np.zeros(12))
+    assert np.array_equal(exp.logs.loss.get("created"), [1.0, 0.5])
+
+
+def test_file_get_is_a_nested_dict_of_the_features_with_data(exp):
+    got = exp.get("1")
+    assert set(got) == {"rows", "pair", "nested", "word", "doubled", "zeroed"}
+    assert set(exp["created"]) == {"logs"}
+    assert np.array_equal(exp[1]["rows"], got["rows"])
+
+
+def test_re_filter_and_none_leave_cells_empty(tmp_path):
+    class Maybe(h5m.Feature):
+        __re__ = r"^\d+$"
+
+        def load(self, source):
+            return None if int(source) % 2 else np.array([int(source)])
+
+    class Letters(h5m.Feature):
+        __re__ = r"^[a-z]$"
+
+        def load(self, source):
+            return np.array([ord(source)])
+
+    f = h5m.TypedFile.create(
+        tmp_path / "f.h5",
+        ["0", "1", "2", "a", "%"],
+        schema={"maybe": Maybe(), "letters": Letters()},
+        scheduler="sync",
+        progress=False,
+    )
+    assert f.ids.tolist() == ["0", "2", "a"]  # "1" and "%" produced nothing: no id
+    assert f.maybe.get("a") is None and f.letters.get("0") is None
+    assert f.maybe.refs.array.tolist() == [[0, 1], [1, 2], [-1, -1]]
+    assert [r for r in f.letters.refs] == [None, None, slice(0, 1)]
+
+
+def test_results_of_every_kind(tmp_path):
+    class Logs(h5m.TypedFile):
+        a = h5m.Array()
+        b = h5m.Array()
+        c = h5m.Array()
+        d = h5m.Array()
+        e = h5m.Array()
+
+    logs = Logs(tmp_path / "k.h5", mode="w")
+    logs.add("0", {"a": 3, "b": np.float32(2.5), "c": np.array(7), "d": np.zeros((0, 3)), "e": True})
+    got = logs.get("0")
+    assert got["a"].tolist() == [3] and got["b"].dtype == np.float32
+    assert got["c"].tolist() == [7]  # a 0-d array gains an axis
+    assert got["d"].shape == (0, 3)  # a zero-row result is an empty region, not an absence
+    assert logs.d.refs[0] == slice(0, 0)
+    assert got["e"].tolist() == [True]
+
+
+def test_dtype_rule_safe_casts_and_errors(tmp_path):
+    class Logs(h5m.TypedFile):
+        f = h5m.Array()
+        i = h5m.Array(dtype="int32")
+
+    logs = Logs(tmp_path / "d.h5", mode="w")
+    logs.add("0", {"f": np.zeros(2, np.float64), "i": np.arange(3)})  # int64 -> int32 same_kind
+    logs.add("1", {"f": np.ones(2, np.int32)})  # int32 -> float64 is safe
+    assert logs.f.dtype == np.float64 and logs.i.dtype == np.int32
+    assert logs.f.get("1").dtype == np.float64
+    assert np.array_equal(logs.i.get("0"), [0, 1, 2])
+    with pytest.raises(h5m.errors.ConcatError, match="float64"):
+        logs.add("2", {"i": np.ones(2)})  # float -> int is not same_kind
+    with pytest.raises(h5m.errors.ConcatError, match="complex128"):
+        logs.add("2", {"f": np.ones(2, complex)})
+
+
+def test_modes(tmp_path):
+    path = tmp_path / "m.h5"
+    with pytest.raises(FileNotFoundError):
+        h5m.TypedFile(path, mode="r")
+    with pytest.raises(FileNotFoundError):
+        h5m.TypedFile(path, mode="r+")
+    h5m.TypedFile(path, mode="w-").add("a", {"x": np.zeros(1)}).close()
+    with pytest.raises(FileFormatError):
+        h5m.TypedFile(path, mode="w-")
+    appended = h5m.TypedFile(path, mode="a")
+    appended.add("b", {"x": np.ones(1)}).close()
+    assert h5m.TypedFile(path, mode="r").ids.tolist() == ["a", "b"]
+    assert h5m.TypedFile(path, mode="r").mode == "r"
+    rw = h5m.TypedFile(path, mode="r+")
+    rw.x.set("a", np.full(1, 5.0))
+    assert h5m.TypedFile(path).x.get("a").tolist() == [5.0]
+    assert len(h5m.TypedFile(path, mode="w")) == 0  # truncated
+    with pytest.raises(ValueError, match="mode"):
+        h5m.TypedFile(path, mode="rw")
+
+
+def test_create_append_mode_skips_committed_ids(tmp_path):
+    calls = []
+
+    class Count(h5m.Feature):
+        def load(self, source):
+            calls.append(source)
+            return np.array([int(source)])
+
+    path = tmp_path / "c.h5"
+    h5m.TypedFile.create(path, ["0", "1"], schema={"n": Count()}, scheduler="sync", progress=False)
+    f = h5m.TypedFile.create(
+        path, ["0", "1", "2"], mode="a", schema={"n": Count()}, scheduler="sync", progress=False
+    )
+    assert calls == ["0", "1", "2"]
+    assert f.ids.tolist() == ["0", "1", "2"] and f.n[:].tolist() == [0, 1, 2]
+
+
+def test_group_add_get_set(exp):
+    exp.logs.add("train", {"loss": np.arange(4.0)})
+    assert np.array_equal(exp.logs.get("train")["loss"], np.arange(4.0))
+    exp.logs.set("train", {"loss": np.full(4, 2.0)})  # same length: in place
+    assert exp.logs["train"]["loss"].tolist() == [2.0] * 4
+    exp.logs["train"] = {"loss": np.ones(6)}  # new length: appended, ref moved
+    assert exp.logs.loss.get("train").tolist() == [1.0] * 6
+    exp.logs.set("val", {"acc": np.array([0.9])})  # a new id and a new member
+    assert "acc" in exp.logs.keys() and isinstance(exp.logs.acc, h5m.DatasetProxy)
+    assert exp.logs["val"]["acc"].tolist() == [0.9]
+    exp["test"] = {"logs": {"loss": np.zeros(1)}}
+    exp.set("test2", {"word": "x"})
+    assert exp.logs.loss.get("test").tolist() == [0.0]
+    assert exp.word.get("test2").tolist() == ["x"]
+
+
+def test_add_buffers_until_read_flush_or_close(tmp_path):
+    path = tmp_path / "b.h5"
+
+    class Logs(h5m.TypedFile):
+        loss = h5m.Array()
+
+    logs = Logs(path, mode="w")
+    logs.add("0", {"loss": np.zeros(3)})
+    with h5py.File(path, "r") as h:
+        assert h["__src__/id"].shape == (0,)  # buffered, not yet on disk
+    assert logs.loss.get("0").tolist() == [0.0] * 3  # a read through the object commits
+    logs.add("1", {"loss": np.ones(1)})
+    logs.flush()
+    with h5py.File(path, "r") as h:
+        assert h["__src__/id"].asstr()[:].tolist() == ["0", "1"]
+    logs.add("2", {"loss": np.ones(1)})
+    logs.close()
+    with h5py.File(path, "r") as h:
+        assert h["loss/refs"][2].tolist() == [4, 5]
+
+
+def test_add_is_committed_at_exit(tmp_path):
+    path = tmp_path / "exit.h5"
+    code = (
+        "import numpy as np, h5dask as h5m\n"
+        "class L(h5m.TypedFile):\n    loss = h5m.Array()\n"
+        f"f = L({str(path)!r}, 'w')\n"
+        "for i in range(5):\n    f.add(str(i), {'loss': np.full(3, i, dtype=np.float32)})\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    with h5py.File(path, "r") as h:
+        assert h["__src__/id"].asstr()[:].tolist() == ["0", "1", "2", "3", "4"]
+        assert h["loss/values"][:].tolist() == [i for i in range(5) for _ in range(3)]
+        assert h["loss/refs"][4].tolist() == [12, 15]
+
+
+@pytest.mark.parametrize("keep_open", [False, True])
+def test_keep_open_handles(exp, keep_open):
+    exp.keep_open = keep_open
+    assert not exp._handle.is_open
+    assert exp.rows.get("1").shape == (2, 3)
+    assert exp._handle.is_open is keep_open
+    exp.rows[0] = np.full(3, 9.0)
+    assert exp._handle.is_open is keep_open
+    assert exp.rows[0].tolist() == [9.0] * 3
+    h1, h2 = exp.handle(), exp.handle()
+    assert (h1 is h2) is keep_open
+    if not keep_open:
+        h1.close()
+        h2.close()
+    exp.close()
+    assert not exp._handle.is_open
+    assert exp.rows.get("0").shape == (1, 3)  # reopens on demand after close
+    assert exp._handle.is_open is keep_open
+    exp.keep_open = False
+    assert not exp._handle.is_open
+
+
+def test_create_keep_open(tmp_path):
+    f = Experiment.create(tmp_path / "k.h5", ["1"], scheduler="sync", progress=False, keep_open=True)
+    assert f.keep_open
+    assert f.rows.get("1").shape == (2, 3)
+    assert f._handle.is_open  # opened on demand, then kept
+    f.close()
+    assert not f._handle.is_open
+
+
+def test_context_manager_commits_and_closes(tmp_path):
+    path = tmp_path / "ctx.h5"
+    with h5m.TypedFile(path, mode="w", keep_open=True) as f:
+        f.add("a", {"x": np.arange(3)})
+        assert f._handle.is_open
+    assert not f._handle.is_open
+    with h5py.File(path, "r") as h:
+        assert h["x/values"][:].tolist() == [0, 1, 2]
+
+
+def test_pickling_reopens_in_the_same_process(exp):
+    exp.keep_open = True
+    exp.rows.get("0")
+    copy = pickle.loads(pickle.dumps(exp))
+    assert not copy._handle.is_open
+    assert copy.ids.tolist() == exp.ids.tolist()
+    assert np.array_equal(copy.rows.get("3"), exp.rows.get("3"))
+    assert np.array_equal(copy.pair.get("2")["y"], exp.pair.get("2")["y"])
+    proxy = pickle.loads(pickle.dumps(exp.rows))
+    assert np.array_equal(proxy.get("5"), exp.rows.get("5"))
+
+
+def _read_in_child(file):
+    return file.ids.tolist(), file.rows.get("4").tolist(), file.nested.get("2")["q"]["y"].tolist()
+
+
+def test_pickling_to_a_spawned_process(exp):
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        ids, rows, y = pool.apply(_read_in_child, (exp,))
+    assert ids == exp.ids.tolist()
+    assert rows == exp.rows.get("4").tolist()
+    assert y == [2.0] * 3
+
+
+def test_foreign_file_becomes_proxies(tmp_path):
+    path = tmp_path / "foreign.h5"
+    data = np.random.default_rng(0).normal(size=(10, 10))
+    with h5py.File(path, "w") as h:
+        h.create_dataset("g1/d1", data=data)
+        h.create_dataset("g2/d2", data=data * 2)
+        h["top"] = np.arange(5)
+        h["g1"].attrs["meta"] = "x"
+    f = h5m.TypedFile(path, mode="r")
+    assert f.keys() == ["g1", "g2", "top"]
+    assert isinstance(f.g1, h5m.GroupProxy) and isinstance(f.g1.d1, h5m.DatasetProxy)
+    assert np.array_equal(f.g1.d1[()], data) and np.array_equal(f.g2.d2[2:4], data[2:4] * 2)
+    assert np.array_equal(np.asarray(f.top), np.arange(5))
+    assert f.g1.attrs == {"meta": "x"} and len(f) == 0
+    assert set(f.features) == {"g1/d1", "g2/d2", "top"}
+    with pytest.raises(h5m.H5DaskError, match="no ref table"):
+        f.top.refs  # noqa: B018
+    rw = h5m.TypedFile(path, mode="r+")
+    rw.add("0", {"g3": {"d3": np.ones((1, 10))}})
+    assert set(rw.get("0")) == {"g3"}
+    assert isinstance(rw.g3, h5m.GroupProxy)
+    with h5py.File(path, "r") as h:
+        assert np.array_equal(h["g1/d1"][()], data)  # the foreign data is untouched
+        assert h.attrs["format"] == "h5dask"
+
+
+def test_in_memory_file(tmp_path):
+    path = tmp_path / "mem.h5"
+    f = h5m.TypedFile(path, mode="w", driver="core", backing_store=False)
+    assert f._handle.is_open  # an in-memory file lives only in its handle
+    f.add("0", {"ds": np.random.rand(3, 4, 5)})
+    assert f.get("0")["ds"].shape == (3, 4, 5)
+    assert f.ds.get(0).shape == (3, 4, 5)
+    assert not path.exists()
+    with pytest.raises(TypeError, match="memory"):
+        pickle.dumps(f)
+    f.close()
+    assert not f._handle.is_open
+
+
+def test_attrs_info_and_repr(exp, capsys):
+    assert exp.rows.attrs == {"param1": 18, "param2": "hey", "param3": None}
+    assert exp.attrs["format"] == "h5dask" and exp.attrs["format_version"] == 1
+    assert repr(exp) == f"<Experiment {exp.filename!r} mode='r+'>"
+    exp.info()
+    out = capsys.readouterr().out
+    assert "rows" in out and "nested/q/y" in out and "float32" in out
+    assert "(3, 3)" in out  # the cell of id "2" in rows
+    assert "<table>" in exp._repr_html_()
+
+
+def test_custom_methods_and_transforms(exp):
+    assert np.array_equal(exp.rows.custom_method(np.ones(3)), np.zeros(3))
+    assert exp.rows.feature is Experiment.rows
+
+    class Flat(Rows):
+        __t__ = (lambda a: a.ravel(),)
+
+    f = h5m.TypedFile.create(exp.filename + "2", ["2"], schema={"r": Flat()}, scheduler="sync",
+                             progress=False)
+    assert f.r.get("2").shape == (9,)
+
+
+def test_unknown_ids(exp):
+    for call in (exp.get, exp.rows.get, exp.pair.get, exp.logs.get, exp.rows.refs.__getitem__):
+        with pytest.raises(UnknownIdError, match="'nope'") as info:
+            call("nope")
+        assert isinstance(info.value, KeyError)
+    with pytest.raises(UnknownIdError):
+        exp.rows.get(100)
+
+
+def test_load_runs_the_schema_without_writing(exp):
+    got = Experiment.load("2")
+    assert set(got) == {"rows", "pair", "nested", "word", "doubled", "zeroed"}
+    assert np.array_equal(got["doubled"], [4.0] * 3)
+    assert Experiment.load("abc")["word"].tolist() == ["abc"]
