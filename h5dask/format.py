@@ -190,8 +190,6 @@ def write_attrs(obj: h5py.HLObject, attrs: dict[str, Any]) -> None:
         obj.attrs[JSON_ATTRS] = sorted(set(encoded))
     elif JSON_ATTRS in obj.attrs:
         del obj.attrs[JSON_ATTRS]
-    elif JSON_ATTRS in obj.attrs:
-        del obj.attrs[JSON_ATTRS]
 
 
 def read_attrs(obj: h5py.HLObject) -> dict[str, Any]:
