@@ -1,0 +1,205 @@
+"""The on-disk format of docs/FORMAT.md, read back with plain h5py."""
+
+from __future__ import annotations
+
+import math
+
+import h5py
+import numpy as np
+import pytest
+
+import h5dask as h5m
+from h5dask import format as fmt
+
+
+class Image(h5m.Feature):
+    __re__ = r"^\d+$"
+    __ds_kwargs__ = {"compression": "lzf"}
+
+    @property
+    def attrs(self):
+        return {
+            "size": 4,
+            "name": "img",
+            "nothing": None,
+            "shape": [4, 4],
+            "labels": ["a", "b"],
+            "nested": {"k": [1, "x"]},
+            "empty": [],
+            "flag": True,
+        }
+
+    def load(self, source):
+        n = int(source)
+        return None if n == 2 else np.full((n, 4, 4), n, dtype=np.uint8)
+
+
+class Name(h5m.Feature):
+    def load(self, source):
+        return f"source-{source}-é"
+
+
+SOURCES = ["0", "1", "2", "3", "x"]
+
+
+@pytest.fixture
+def path(tmp_path):
+    path = tmp_path / "f.h5"
+    h5m.TypedFile.create(
+        path,
+        SOURCES,
+        schema={"data": h5m.Group(images=Image(), name=Name())},
+        scheduler="sync",
+        progress=False,
+    )
+    return path
+
+
+def test_root_and_ids(path):
+    with h5py.File(path, "r") as h:
+        assert h.attrs["format"] == "h5dask"
+        assert h.attrs["format_version"] == 1
+        ids = h["__src__/id"]
+        assert h5py.check_string_dtype(ids.dtype).encoding == "utf-8"
+        assert ids.asstr()[:].tolist() == SOURCES
+
+
+def test_values_and_refs(path):
+    with h5py.File(path, "r") as h:
+        images = h["data/images"]
+        assert set(images) == {"values", "refs"}
+        refs = images["refs"]
+        assert refs.dtype == np.int64 and refs.shape == (len(SOURCES), 2)
+        assert refs[:].tolist() == [[0, 0], [0, 1], [-1, -1], [1, 4], [-1, -1]]
+        values = images["values"]
+        assert values.dtype == np.uint8 and values.shape == (4, 4, 4)
+        assert values.compression == "lzf"
+        assert np.array_equal(values[1:4], np.full((3, 4, 4), 3, dtype=np.uint8))
+        names = h["data/name/values"]
+        assert h5py.check_string_dtype(names.dtype).encoding == "utf-8"
+        assert names.asstr()[h["data/name/refs"][4, 0]] == "source-x-é"
+
+
+def test_attrs_are_json_safe_and_never_pickled(path):
+    with h5py.File(path, "r") as h:
+        attrs = dict(h["data/images"].attrs)
+    assert sorted(attrs["__json__"].tolist()) == ["empty", "nested", "nothing"]
+    assert attrs["nothing"] == "null" and attrs["nested"] == '{"k": [1, "x"]}'
+    assert attrs["size"] == 4 and attrs["name"] == "img" and bool(attrs["flag"]) is True
+    assert attrs["shape"].tolist() == [4, 4] and attrs["labels"].tolist() == ["a", "b"]
+    for value in attrs.values():
+        array = np.asarray(value)
+        assert array.dtype.kind in "biufUO"
+        assert all(isinstance(v, (str, int, float, bool, np.generic)) for v in array.ravel())
+        assert not (isinstance(value, bytes) and value.startswith(b"\x80"))  # no pickle
+    f = h5m.TypedFile(path)
+    assert f.data.images.attrs == Image().attrs
+
+
+def test_rewritten_attrs_keep_the_json_list_exact(tmp_path):
+    with h5py.File(tmp_path / "a.h5", "w") as h:
+        fmt.write_attrs(h, {"a": None, "b": 1})
+        fmt.write_attrs(h, {"a": 2})
+        assert "__json__" not in h.attrs  # "a" is stored natively now
+        assert fmt.read_attrs(h) == {"a": 2, "b": 1}
+
+
+def test_default_chunks(tmp_path):
+    class Logs(h5m.TypedFile):
+        big = h5m.Array()
+        tiny = h5m.Array()
+        wide = h5m.Array()
+        first = h5m.Array()
+        explicit = h5m.Array(chunks=(7, 3))
+
+    logs = Logs(tmp_path / "c.h5", mode="w")
+    logs.add(
+        "0",
+        {
+            "big": np.zeros((1000, 64, 64), np.float32),
+            "tiny": np.zeros(3),
+            "wide": np.zeros((2, 1000, 1000), np.float32),
+            "first": np.zeros((4, 12)),
+            "explicit": np.zeros((2, 3)),
+        },
+    )
+    logs.close()
+    with h5py.File(logs.filename, "r") as h:
+
+        def nbytes(name):
+            ds = h[f"{name}/values"]
+            return math.prod(ds.chunks) * ds.dtype.itemsize
+
+        assert 512 << 10 <= nbytes("big") <= 1 << 20
+        assert 512 << 10 <= nbytes("wide") <= 1 << 20
+        assert h["wide/values"].chunks[0] == 1  # a row larger than a chunk is split
+        assert 16 << 10 <= nbytes("tiny") < 512 << 10
+        assert h["first/values"].chunks != (4, 12)  # never the first array's shape
+        assert h["first/values"].chunks[1:] == (12,)
+        assert h["explicit/values"].chunks == (7, 3)
+        assert h["big/refs"].chunks[1] == 2 and h["__src__/id"].chunks[0] >= 1024
+
+
+def test_uncommitted_tails_are_trimmed_on_the_next_write(tmp_path):
+    path = tmp_path / "t.h5"
+    f = h5m.TypedFile(path, mode="w")
+    f.add("a", {"x": np.arange(3)})
+    f.close()
+    with h5py.File(path, "r+") as h:  # a batch that crashed before appending its ids
+        h["x/values"].resize(10, axis=0)
+        h["x/values"][3:] = 99
+        h["x/refs"].resize(2, axis=0)
+        h["x/refs"][1] = (3, 10)
+    f = h5m.TypedFile(path, mode="r+")
+    assert f.ids.tolist() == ["a"] and f.x.refs.array.tolist() == [[0, 3]]
+    f.add("b", {"x": np.array([7, 8])})
+    f.close()
+    with h5py.File(path, "r") as h:
+        assert h["__src__/id"].asstr()[:].tolist() == ["a", "b"]
+        assert h["x/values"][:].tolist() == [0, 1, 2, 7, 8]
+        assert h["x/refs"][:].tolist() == [[0, 3], [3, 5]]
+
+
+def test_refs_of_features_grow_with_ids(tmp_path):
+    f = h5m.TypedFile(tmp_path / "g.h5", mode="w")
+    f.add("a", {"x": np.zeros(1)})
+    f.add("b", {"y": np.zeros(2)})
+    f.close()
+    with h5py.File(f.filename, "r") as h:
+        assert h["x/refs"][:].tolist() == [[0, 1], [-1, -1]]
+        assert h["y/refs"][:].tolist() == [[-1, -1], [0, 2]]
+
+
+def test_errors_table(tmp_path):
+    class Fails(h5m.Feature):
+        def load(self, source):
+            if source == "bad":
+                raise RuntimeError("kaboom")
+            return np.zeros(1)
+
+    f = h5m.TypedFile.create(
+        tmp_path / "e.h5",
+        ["ok", "bad"],
+        schema={"x": Fails()},
+        on_error="skip",
+        scheduler="sync",
+        progress=False,
+    )
+    assert f.ids.tolist() == ["ok"]
+    with h5py.File(f.filename, "r") as h:
+        errors = h["__errors__"]
+        assert errors["source"].asstr()[:].tolist() == ["bad"]
+        assert errors["feature"].asstr()[:].tolist() == ["x"]
+        assert "kaboom" in errors["message"].asstr()[0]
+    assert [(e.source, e.feature) for e in f.errors] == [("bad", "x")]
+    assert set(f.keys()) == {"x"}  # reserved groups are not features
+
+
+def test_plain_h5py_reading_as_in_the_docs(path):
+    with h5py.File(path, "r") as f:
+        ids = f["__src__/id"].asstr()[:]
+        refs = f["data/images/refs"][:]
+        position = list(ids).index("3")
+        start, stop = refs[position]
+        image = f["data/images/values"][start:stop] if start >= 0 else None
+    assert np.array_equal(image, h5m.TypedFile(path).data.images.get("3"))
