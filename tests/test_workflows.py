@@ -1,0 +1,61 @@
+"""Every workflow runs end to end on small data."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
+
+
+def run(script: str, *args: str, cwd: Path) -> str:
+    done = subprocess.run(
+        [sys.executable, str(WORKFLOWS / script), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.mark.parametrize("script", ["demo.py", "build_dataset.py", "samples.py"])
+def test_help(script, tmp_path):
+    assert "usage" in run(script, "--help", cwd=tmp_path)
+
+
+def test_build_dataset_labels_follow_folders(tmp_path):
+    run("samples.py", str(tmp_path / "images"), "--per-class", "3", cwd=tmp_path)
+    out = run(
+        "build_dataset.py",
+        str(tmp_path / "images"),
+        str(tmp_path / "d.h5"),
+        "--size",
+        "32",
+        "--scheduler",
+        "threads",
+        cwd=tmp_path,
+    )
+    assert "18 ids" in out
+    with h5py.File(tmp_path / "d.h5") as f:
+        ids = f["__src__/id"].asstr()[:]
+        vocabulary = list(f["labels"].attrs["vocabulary"].astype(str))
+        labels = f["labels/values"][:]
+        assert f["images/values"].shape == (18, 32, 32, 3)
+    assert vocabulary == sorted(vocabulary) and len(vocabulary) == 6
+    names = [Path(i).parent.name for i in ids]
+    np.testing.assert_array_equal(labels, [vocabulary.index(n) for n in names])
+
+
+def test_demo_runs_on_the_embedded_cluster(tmp_path):
+    out = run("demo.py", "--out", str(tmp_path / "demo"), "--per-class", "4", cwd=tmp_path)
+    assert "24 ids" in out
+    assert "mean colour" in out and "brick" in out
+    assert "x (16, 1, 64, 64, 3)" in out or "x (16, 64, 64, 3)" in out
+    assert str(tmp_path / "demo" / "dataset.h5") in out
