@@ -1,0 +1,380 @@
+"""Lazy analysis: features as dask collections, and functions mapped over stored sources.
+
+Nothing here puts an h5py object in a dask graph. A :class:`StoredArray` holds
+a file's path, its :class:`h5py.File` options and a snapshot of one dataset's
+shape and dtype; each dask task opens the file by path in read mode, checks the
+dataset still matches the snapshot, reads its block and closes the file. Graphs
+pickle and compute on the threads and processes schedulers and on distributed
+workers that share the file system.
+
+The graph of :func:`to_dask` has one task per block of about dask's
+``array.chunk-size`` (whole multiples of the HDF5 chunks), and the bag of
+:func:`to_bag` one task per partition of many ids: their size follows the data,
+never the number of ids.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import dask
+import dask.array as da
+import dask.bag as db
+import h5py
+import numpy as np
+from dask.base import tokenize
+from dask.utils import parse_bytes
+
+from . import format as fmt
+from .errors import FileFormatError, H5DaskError, UnknownIdError
+from .handle import open_h5
+
+if TYPE_CHECKING:
+    from .proxy import DatasetProxy
+    from .typed_file import TypedFile
+
+__all__ = ["StaleFileError", "StoredArray", "to_dask", "to_bag", "file_to_dask"]
+
+
+class StaleFileError(H5DaskError):
+    """The file under a dask collection moved or changed since the collection was built.
+
+    Parameters
+    ----------
+    filename : str
+        The file the collection reads.
+    feature : str
+        The feature (or dataset) path, e.g. ``"data/images"``.
+    cause : str
+        What changed, in words.
+    """
+
+    def __init__(self, filename: str, feature: str, cause: str):
+        self.filename = filename
+        self.feature = feature
+        self.cause = cause
+        super().__init__(f"file {filename!r}, feature {feature!r}: {cause}")
+
+    def __reduce__(self):
+        return type(self), (self.filename, self.feature, self.cause)
+
+
+# -- reading one dataset by path, checked against a snapshot ---------------------------------------
+
+
+def _kwargs_items(h5_kwargs: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    if h5_kwargs.get("driver") == "core" and not h5_kwargs.get("backing_store", True):
+        raise H5DaskError("an in-memory file (driver='core') cannot be read lazily by path")
+    return tuple(sorted(h5_kwargs.items()))
+
+
+@contextmanager
+def _open(filename: str, h5_kwargs: tuple, feature: str) -> Iterator[h5py.File]:
+    """Open ``filename`` read-only, turning a vanished or broken file into a StaleFileError."""
+    try:
+        f = open_h5(filename, "r", **dict(h5_kwargs))
+    except FileNotFoundError as exc:
+        cause = "the file no longer exists (moved or deleted)"
+        raise StaleFileError(filename, feature, cause) from exc
+    except FileFormatError as exc:
+        raise StaleFileError(filename, feature, f"the file cannot be opened: {exc}") from exc
+    try:
+        yield f
+    finally:
+        f.close()
+
+
+@dataclass(frozen=True)
+class StoredArray:
+    """A picklable, lazily opened view of rows ``[offset, offset + shape[0])`` of a dataset.
+
+    It is what :func:`dask.array.from_array` wraps: indexing it opens the file
+    by path, checks the dataset against the snapshot taken when the view was
+    made, and reads the rows asked for.
+
+    Parameters
+    ----------
+    filename : str
+        Path of the HDF5 file.
+    h5_kwargs : tuple of (str, object)
+        :class:`h5py.File` options, as sorted items.
+    path : str
+        HDF5 path of the dataset (a feature's ``values``).
+    feature : str
+        Name of the feature, for error messages.
+    shape : tuple of int
+        Shape of the view.
+    dtype : numpy.dtype
+        dtype of the dataset; ``object`` for variable-length strings.
+    rows : int
+        Number of rows of the whole dataset when the snapshot was taken.
+    offset : int
+        First row of the view in the dataset.
+    """
+
+    filename: str
+    h5_kwargs: tuple
+    path: str
+    feature: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    rows: int
+    offset: int = 0
+    stored_dtype: np.dtype | None = field(default=None, compare=False)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def view(self, start: int, stop: int) -> StoredArray:
+        """The rows ``[start, stop)`` of this view, as a view."""
+        return StoredArray(
+            self.filename, self.h5_kwargs, self.path, self.feature,
+            (stop - start, *self.shape[1:]), self.dtype, self.rows, self.offset + start,
+            self.stored_dtype,
+        )  # fmt: skip
+
+    def __getitem__(self, item: Any) -> np.ndarray:
+        item = item if isinstance(item, tuple) else (item,)
+        first = item[0] if item else slice(None)
+        if isinstance(first, slice):
+            start, stop, step = first.indices(self.shape[0])
+            first = slice(start + self.offset, stop + self.offset, step)
+        else:
+            first = np.asarray(first) % max(self.shape[0], 1) + self.offset
+        with _open(self.filename, self.h5_kwargs, self.feature) as f:
+            return _as_strings(self._checked(f))[(first, *item[1:])]
+
+    def _checked(self, f: h5py.File) -> h5py.Dataset:
+        ds = f.get(self.path)
+        if not isinstance(ds, h5py.Dataset):
+            raise StaleFileError(self.filename, self.feature, f"{self.path!r} no longer exists")
+        if ds.dtype != (self.stored_dtype or self.dtype):
+            cause = f"its dtype changed from {self.stored_dtype or self.dtype} to {ds.dtype}"
+            raise StaleFileError(self.filename, self.feature, cause)
+        if ds.shape[1:] != self.shape[1:]:
+            cause = f"its rows changed shape from {self.shape[1:]} to {ds.shape[1:]}"
+            raise StaleFileError(self.filename, self.feature, cause)
+        if ds.shape[0] < self.rows:
+            cause = f"it shrank from {self.rows} to {ds.shape[0]} rows"
+            raise StaleFileError(self.filename, self.feature, cause)
+        return ds
+
+    def __dask_tokenize__(self) -> tuple:
+        return (type(self).__name__, self.filename, self.path, self.shape, str(self.dtype),
+                self.rows, self.offset, _mtime(self.filename))  # fmt: skip
+
+    def __repr__(self) -> str:
+        start, stop = self.offset, self.offset + self.shape[0]
+        return f"<StoredArray {self.filename!r}:{self.path} rows [{start}, {stop}) {self.dtype}>"
+
+
+def _as_strings(ds: h5py.Dataset) -> Any:
+    if fmt.is_string_dtype(ds.dtype) and h5py.check_string_dtype(ds.dtype).encoding == "utf-8":
+        return ds.asstr()
+    return ds
+
+
+def _mtime(filename: str) -> int:
+    try:
+        return os.stat(filename).st_mtime_ns
+    except OSError:
+        return 0
+
+
+def stored_array(proxy: DatasetProxy) -> StoredArray:
+    """The snapshot of a feature's (or plain dataset's) concatenation as a :class:`StoredArray`."""
+    if not proxy.exists:
+        raise H5DaskError(f"feature {proxy.path!r} of {proxy.file.filename!r} holds no data yet")
+    proxy.file.flush()
+    node = proxy.file._layout()[proxy.path]
+    dtype = np.dtype(node.dtype)
+    if fmt.is_string_dtype(dtype):
+        dtype = np.dtype(object)
+    return StoredArray(
+        os.path.abspath(proxy.file.filename), _kwargs_items(proxy.file._handle.h5_kwargs),
+        proxy.values_path, proxy.path, tuple(node.shape), dtype, node.shape[0], 0,
+        np.dtype(node.dtype),
+    )  # fmt: skip
+
+
+# -- dask arrays -------------------------------------------------------------------------------
+
+
+def block_rows(array: StoredArray, hdf5_chunks: tuple[int, ...] | None, limit: Any = None) -> int:
+    """Rows of a block: a whole multiple of the HDF5 chunk rows, about ``limit`` bytes.
+
+    ``limit`` defaults to dask's configured ``array.chunk-size``.
+    """
+    limit = parse_bytes(limit or dask.config.get("array.chunk-size"))
+    step = hdf5_chunks[0] if hdf5_chunks else 1
+    return max(1, limit // (_row_bytes(array) * step)) * step
+
+
+def _row_bytes(array: StoredArray) -> int:
+    itemsize = 64 if array.dtype == object else array.dtype.itemsize
+    return max(1, math.prod(array.shape[1:]) * itemsize)
+
+
+def _trailing_chunks(array: StoredArray, rows: int, hdf5_chunks: tuple[int, ...] | None) -> tuple:
+    """Whole trailing axes, unless one block of them would far exceed the chunk size."""
+    limit = parse_bytes(dask.config.get("array.chunk-size"))
+    if not hdf5_chunks or rows * _row_bytes(array) <= 2 * limit:
+        return tuple(array.shape[1:])
+    return tuple(hdf5_chunks[1:])
+
+
+def _aligned_rows(start: int, stop: int, step: int) -> tuple[int, ...]:
+    """Lengths of the blocks of ``[start, stop)`` cut at the global multiples of ``step``."""
+    cuts = np.arange((start // step + 1) * step, stop, step)
+    edges = np.concatenate([[start], cuts, [stop]])
+    lengths = tuple(int(n) for n in np.diff(edges))
+    return lengths or (0,)
+
+
+def to_dask(
+    proxy: DatasetProxy, id: str | int | None = None, chunks: Any = None
+) -> da.Array | None:
+    """A dask array over a feature's concatenation, or over one source's region of it.
+
+    See :meth:`h5dask.DatasetProxy.to_dask`.
+    """
+    whole = stored_array(proxy)
+    hdf5_chunks = proxy.chunks
+    start, stop = 0, whole.shape[0]
+    if id is not None:
+        region = _region(proxy, id)
+        if region is None:
+            return None
+        start, stop = region.start, region.stop
+    array = whole.view(start, stop) if id is not None else whole
+    name = f"h5dask-{proxy.path.replace('/', '.')}-{tokenize(array)}"
+    return da.from_array(
+        array, chunks=_chunks(array, start, stop, hdf5_chunks, chunks), name=name,
+        meta=np.empty((0,) * array.ndim, dtype=array.dtype), asarray=False,
+    )  # fmt: skip
+
+
+def _region(proxy: DatasetProxy, id: str | int) -> slice | None:
+    id = proxy._check_id(id)
+    position = proxy.file.index.get(id)
+    if position is None:
+        raise UnknownIdError(id, proxy.file.filename)
+    return proxy.refs[position]
+
+
+def _chunks(
+    array: StoredArray, start: int, stop: int, hdf5_chunks: tuple[int, ...] | None, chunks: Any
+) -> Any:
+    if chunks is not None and not isinstance(chunks, int):
+        return chunks
+    rows = chunks or block_rows(array, hdf5_chunks)
+    return (_aligned_rows(start, stop, rows), *_trailing_chunks(array, rows, hdf5_chunks))
+
+
+def file_to_dask(file: TypedFile) -> dict[str, Any]:
+    """Every feature of ``file`` holding data, as a nested dict of dask arrays.
+
+    See :meth:`h5dask.TypedFile.to_dask`.
+    """
+    out: dict[str, Any] = {}
+    for path, proxy in file.features.items():
+        if not proxy.exists:
+            continue
+        *parents, name = path.split("/")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[name] = to_dask(proxy)
+    return out
+
+
+# -- dask bags of (id, array) --------------------------------------------------------------------
+
+
+def to_bag(
+    proxy: DatasetProxy, npartitions: int | None = None, ids_per_partition: int | None = None
+) -> db.Bag:
+    """A dask bag of ``(id, array)`` for every id holding data; see :meth:`DatasetProxy.to_bag`."""
+    array = stored_array(proxy)
+    table = proxy.refs.array
+    present = np.flatnonzero(table[:, 0] >= 0)
+    bounds = _partition_bounds(table, present, array, npartitions, ids_per_partition)
+    args = [(array, int(lo), int(hi)) for lo, hi in bounds]
+    return db.from_sequence(args, npartitions=max(1, len(args))).map_partitions(_read_partition)
+
+
+def _partition_bounds(
+    table: np.ndarray,
+    present: np.ndarray,
+    array: StoredArray,
+    npartitions: int | None,
+    ids_per_partition: int | None,
+) -> list[tuple[int, int]]:
+    """Ranges ``[lo, hi)`` of positions on the ids axis, each holding many ids."""
+    if not len(present):
+        return []
+    if ids_per_partition is not None:
+        groups = np.array_split(present, math.ceil(len(present) / max(1, ids_per_partition)))
+    else:
+        sizes = table[present, 1] - table[present, 0]
+        cum = np.cumsum(sizes * _row_bytes(array))
+        if npartitions is None:
+            limit = parse_bytes(dask.config.get("array.chunk-size"))
+            npartitions = max(1, math.ceil(int(cum[-1]) / limit))
+        npartitions = min(npartitions, len(present))
+        cuts = np.searchsorted(cum, np.arange(1, npartitions) * cum[-1] / npartitions)
+        groups = [g for g in np.split(present, np.unique(cuts)) if len(g)]
+    return [(int(g[0]), int(g[-1]) + 1) for g in groups]
+
+
+def _read_partition(args: list[tuple[StoredArray, int, int]]) -> list[tuple[str, np.ndarray]]:
+    out: list[tuple[str, np.ndarray]] = []
+    for array, lo, hi in args:
+        with _open(array.filename, array.h5_kwargs, array.feature) as f:
+            out.extend(_read_ids(f, array, lo, hi))
+    return out
+
+
+def _read_ids(f: h5py.File, array: StoredArray, lo: int, hi: int) -> list[tuple[str, np.ndarray]]:
+    """The ``(id, array)`` pairs of positions ``[lo, hi)``, read in sorted merged runs."""
+    ds = _as_strings(array._checked(f))
+    refs = f[f"{array.feature}/{fmt.REFS}"]
+    if refs.shape[0] < hi or f[fmt.IDS].shape[0] < hi:
+        raise StaleFileError(array.filename, array.feature, f"its ref table lost rows below {hi}")
+    table = refs[lo:hi]
+    keep = np.flatnonzero(table[:, 0] >= 0)
+    ids = f[fmt.IDS].asstr()[lo:hi]
+    return list(zip((ids[k] for k in keep), read_regions(ds, table[keep]), strict=True))
+
+
+def read_regions(ds: Any, table: np.ndarray, max_gap: int = 0) -> list[np.ndarray]:
+    """The rows ``table[i, 0]:table[i, 1]`` of ``ds`` for every i, with few contiguous reads.
+
+    Regions are sorted by start and merged into runs where they touch (or lie
+    less than ``max_gap`` rows apart); each run is read in one slice.
+    """
+    order = np.argsort(table[:, 0], kind="stable")
+    out: list[np.ndarray | None] = [None] * len(table)
+    run: list[int] = []
+    for k in order:
+        if run and table[k, 0] > table[run[-1], 1] + max_gap:
+            _read_run(ds, table, run, out)
+            run = []
+        run.append(int(k))
+    if run:
+        _read_run(ds, table, run, out)
+    return out  # type: ignore[return-value]
+
+
+def _read_run(ds: Any, table: np.ndarray, run: list[int], out: list) -> None:
+    lo = int(table[run, 0].min())
+    hi = int(table[run, 1].max())
+    block = ds[lo:hi]
+    for k in run:
+        out[k] = block[table[k, 0] - lo : table[k, 1] - lo]
