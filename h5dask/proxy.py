@@ -296,6 +296,40 @@ class DatasetProxy(Proxy):
             data = {part: data}
         return data
 
+    def to_dask(self, id: str | int | None = None, chunks: Any = None) -> Any:
+        """A dask array over the concatenation, or over the region of one id.
+
+        Each task opens the file by path in read mode; see :mod:`h5dask.lazy`.
+
+        Parameters
+        ----------
+        id : str or int, optional
+            An id (or its position): the lazy array of that source, or None
+            where it has no data for this feature.
+        chunks : int or dask chunks, optional
+            Rows per block (an int), or any chunks of :func:`dask.array.from_array`.
+            Default: whole multiples of the HDF5 chunks, about dask's
+            ``array.chunk-size``.
+
+        Examples
+        --------
+        >>> file.data.images.to_dask().mean().compute()  # doctest: +SKIP
+        """
+        from .lazy import to_dask
+
+        return to_dask(self, id, chunks)
+
+    def to_bag(self, npartitions: int | None = None, ids_per_partition: int | None = None) -> Any:
+        """A dask bag of ``(id, array)`` for every id with data, many ids per partition.
+
+        Examples
+        --------
+        >>> file.data.sound.to_bag().map(lambda kv: kv[1].std()).compute()  # doctest: +SKIP
+        """
+        from .lazy import to_bag
+
+        return to_bag(self, npartitions, ids_per_partition)
+
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         data = np.asarray(self[()])
         return data if dtype is None else data.astype(dtype)
