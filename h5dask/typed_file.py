@@ -492,6 +492,18 @@ class TypedFile:
     def _repr_html_(self) -> str:
         return html_table(self)
 
+    def to_dask(self) -> dict[str, Any]:
+        """Every feature holding data as a dask array, in a nested dict by group.
+
+        Examples
+        --------
+        >>> arrays = file.to_dask()  # doctest: +SKIP
+        >>> arrays["data"]["images"].mean().compute()  # doctest: +SKIP
+        """
+        from .lazy import file_to_dask
+
+        return file_to_dask(self)
+
     # -- errors recorded by create(on_error="skip") ---------------------------------------------
 
     @property
