@@ -135,8 +135,9 @@ def test_bad_source_in_create_keeps_earlier_ones(tmp_path):
 
     path = tmp_path / "c.h5"
     with pytest.raises(ConcatError) as error:
-        h5m.TypedFile.create(path, ["0", "1", "2", "3"], schema={"shape": Shape()},
-                             scheduler="sync", progress=False)
+        h5m.TypedFile.create(
+            path, ["0", "1", "2", "3"], schema={"shape": Shape()}, scheduler="sync", progress=False
+        )
     check(error, "'2'", "'shape'", "(1, 5)")
     with h5py.File(path, "r") as h:
         assert h["__src__/id"].asstr()[:].tolist() == ["0", "1"]
@@ -150,8 +151,9 @@ def test_load_error_carries_its_cause(tmp_path):
             raise RuntimeError("kaboom")
 
     with pytest.raises(LoadError) as error:
-        h5m.TypedFile.create(tmp_path / "l.h5", ["s"], schema={"boom": Boom()},
-                             scheduler="sync", progress=False)
+        h5m.TypedFile.create(
+            tmp_path / "l.h5", ["s"], schema={"boom": Boom()}, scheduler="sync", progress=False
+        )
     check(error, "'s'", "'boom'", "RuntimeError", "kaboom")
     assert isinstance(error.value.__cause__, RuntimeError)
 
@@ -237,11 +239,23 @@ def test_skip_records_failures_and_goes_on(tmp_path):
                 return [1]
             return np.zeros(1)
 
-    f = h5m.TypedFile.create(tmp_path / "s.h5", ["a", "bad", "list", "b"], schema={"p": Picky()},
-                             on_error="skip", scheduler="sync", progress=False)
+    f = h5m.TypedFile.create(
+        tmp_path / "s.h5",
+        ["a", "bad", "list", "b"],
+        schema={"p": Picky()},
+        on_error="skip",
+        scheduler="sync",
+        progress=False,
+    )
     assert f.ids.tolist() == ["a", "b"]
     assert [(e.source, e.feature) for e in f.errors] == [("bad", "p"), ("list", "p")]
     assert "no good" in f.errors[0].message and "list" in f.errors[1].message
     with pytest.raises(ValueError, match="on_error"):
-        h5m.TypedFile.create(tmp_path / "t.h5", ["a"], schema={"p": Picky()}, on_error="maybe",
-                             scheduler="sync", progress=False)
+        h5m.TypedFile.create(
+            tmp_path / "t.h5",
+            ["a"],
+            schema={"p": Picky()},
+            on_error="maybe",
+            scheduler="sync",
+            progress=False,
+        )

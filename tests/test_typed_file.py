@@ -190,7 +190,9 @@ def test_results_of_every_kind(tmp_path):
         e = h5m.Array()
 
     logs = Logs(tmp_path / "k.h5", mode="w")
-    logs.add("0", {"a": 3, "b": np.float32(2.5), "c": np.array(7), "d": np.zeros((0, 3)), "e": True})
+    logs.add(
+        "0", {"a": 3, "b": np.float32(2.5), "c": np.array(7), "d": np.zeros((0, 3)), "e": True}
+    )
     got = logs.get("0")
     assert got["a"].tolist() == [3] and got["b"].dtype == np.float32
     assert got["c"].tolist() == [7]  # a 0-d array gains an axis
@@ -329,7 +331,9 @@ def test_keep_open_handles(exp, keep_open):
 
 
 def test_create_keep_open(tmp_path):
-    f = Experiment.create(tmp_path / "k.h5", ["1"], scheduler="sync", progress=False, keep_open=True)
+    f = Experiment.create(
+        tmp_path / "k.h5", ["1"], scheduler="sync", progress=False, keep_open=True
+    )
     assert f.keep_open
     assert f.rows.get("1").shape == (2, 3)
     assert f._handle.is_open  # opened on demand, then kept
@@ -430,8 +434,9 @@ def test_custom_methods_and_transforms(exp):
     class Flat(Rows):
         __t__ = (lambda a: a.ravel(),)
 
-    f = h5m.TypedFile.create(exp.filename + "2", ["2"], schema={"r": Flat()}, scheduler="sync",
-                             progress=False)
+    f = h5m.TypedFile.create(
+        exp.filename + "2", ["2"], schema={"r": Flat()}, scheduler="sync", progress=False
+    )
     assert f.r.get("2").shape == (9,)
 
 
