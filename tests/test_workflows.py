@@ -25,7 +25,9 @@ def run(script: str, *args: str, cwd: Path) -> str:
     return done.stdout
 
 
-@pytest.mark.parametrize("script", ["demo.py", "build_dataset.py", "samples.py"])
+@pytest.mark.parametrize(
+    "script", ["demo.py", "build_dataset.py", "samples.py", "lazy_analysis.py"]
+)
 def test_help(script, tmp_path):
     assert "usage" in run(script, "--help", cwd=tmp_path)
 
@@ -59,3 +61,26 @@ def test_demo_runs_on_the_embedded_cluster(tmp_path):
     assert "mean colour" in out and "brick" in out
     assert "x (16, 1, 64, 64, 3)" in out or "x (16, 64, 64, 3)" in out
     assert str(tmp_path / "demo" / "dataset.h5") in out
+
+
+def test_lazy_analysis_matches_numpy(tmp_path):
+    sys.path.insert(0, str(WORKFLOWS))
+    from build_dataset import build
+    from lazy_analysis import class_statistics
+    from samples import write_samples
+
+    write_samples(tmp_path / "images", per_class=3)
+    file = build(
+        str(tmp_path / "images"), str(tmp_path / "d.h5"), size=16, scheduler="sync", progress=False
+    )
+    stats = class_statistics(file)
+    with h5py.File(tmp_path / "d.h5") as f:
+        pixels = f["images/values"][:].astype(np.float64).reshape(18, -1, 3)
+        labels = f["labels/values"][:]
+    for k, name in enumerate(file.labels.attrs["vocabulary"]):
+        mine = pixels[labels == k]
+        assert stats[name]["count"] == len(mine) == 3
+        np.testing.assert_allclose(stats[name]["mean"], mine.mean(axis=(0, 1)))
+        np.testing.assert_allclose(stats[name]["std"], mine.std(axis=(0, 1)), rtol=1e-6)
+    out = run("lazy_analysis.py", str(tmp_path / "d.h5"), "--workers", "1", cwd=tmp_path)
+    assert "dask dashboard" in out and "brick" in out
