@@ -1,4 +1,4 @@
-"""TypedFile: create, open modes, ids, add/get/set, handles, pickling, foreign and in-memory files."""
+"""TypedFile: create, modes, add/get/set, handles, pickling, foreign and in-memory files."""
 
 from __future__ import annotations
 
