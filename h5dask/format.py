@@ -207,11 +207,20 @@ def read_attrs(obj: h5py.HLObject) -> dict[str, Any]:
 def _native_attr(value: Any) -> Any:
     if isinstance(value, (bool, int, float, str, np.generic)):
         return value
-    if isinstance(value, (list, tuple)) and value:
+    if isinstance(value, (list, tuple)) and value and len({_scalar_kind(v) for v in value}) == 1:
         array = np.asarray(value)
         if array.ndim == 1 and array.dtype.kind in "biufU":
             return array if array.dtype.kind != "U" else array.astype(object)
     return None
+
+
+def _scalar_kind(value: Any) -> str:
+    """``"bool"``, ``"number"``, ``"str"`` or ``"other"``: a native list holds one kind only."""
+    if isinstance(value, (bool, np.bool_)):
+        return "bool"
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return "number"
+    return "str" if isinstance(value, str) else "other"
 
 
 def _as_python(value: Any) -> Any:
