@@ -104,6 +104,22 @@ def test_rewritten_attrs_keep_the_json_list_exact(tmp_path):
         assert fmt.read_attrs(h) == {"a": 2, "b": 1}
 
 
+def test_attrs_round_trip_exactly(tmp_path):
+    attrs = {
+        "mixed": [1, "b"],
+        "bools": [True, False],
+        "bool_int": [True, 2],
+        "floats": [1.5, 2],
+        "nested": [[1, 2], [3, 4]],
+        "none": None,
+    }
+    with h5py.File(tmp_path / "a.h5", "w") as h:
+        fmt.write_attrs(h, attrs)
+        assert fmt.read_attrs(h) == attrs
+        assert type(fmt.read_attrs(h)["bools"][0]) is bool
+        assert sorted(h.attrs["__json__"].tolist()) == ["bool_int", "mixed", "nested", "none"]
+
+
 def test_default_chunks(tmp_path):
     class Logs(h5m.TypedFile):
         big = h5m.Array()
