@@ -88,7 +88,9 @@ def normalize(value: Any, source: Any = "", path: str = "") -> Any:
         return _normalize_array(value, source, path)
     hint = _hint(value)
     raise ResultTypeError(
-        str(source), path, f"load() returned a {type(value).__qualname__}, which cannot be stored{hint}"
+        str(source),
+        path,
+        f"load() returned a {type(value).__qualname__}, which cannot be stored{hint}",
     )
 
 

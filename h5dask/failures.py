@@ -52,4 +52,4 @@ def read_failures(f: h5py.File) -> list[Failure]:
         return []
     group = f[fmt.ERRORS]
     columns = [group[field].asstr()[:] for field in FIELDS]
-    return [Failure(*row) for row in zip(*columns)]
+    return [Failure(*row) for row in zip(*columns, strict=True)]

@@ -35,9 +35,7 @@ def init_root(f: h5py.File) -> None:
     f.attrs["format"] = FORMAT
     f.attrs["format_version"] = FORMAT_VERSION
     if IDS not in f:
-        f.create_dataset(
-            IDS, shape=(0,), maxshape=(None,), dtype=UTF8, chunks=(TABLE_CHUNK_ROWS,)
-        )
+        f.create_dataset(IDS, shape=(0,), maxshape=(None,), dtype=UTF8, chunks=(TABLE_CHUNK_ROWS,))
 
 
 def is_feature_group(obj: Any) -> bool:

@@ -336,7 +336,9 @@ class DatasetProxy(Proxy):
 
     def __repr__(self) -> str:
         kind = "Feature" if self.has_refs else "Dataset"
-        return f"<{kind} {self.name} shape={self.shape} dtype={self.dtype} of {self.file.filename!r}>"
+        return (
+            f"<{kind} {self.name} shape={self.shape} dtype={self.dtype} of {self.file.filename!r}>"
+        )
 
 
 class RefTable:

@@ -83,7 +83,9 @@ class TypedFile:
         self.schema: dict[str, Feature] = _check_schema(schema) if schema else dict(self.__schema__)
         if h5_kwargs.get("driver") == "core" and not h5_kwargs.get("backing_store", True):
             keep_open = True  # an in-memory file lives only as long as its handle
-        self._handle = FileHandle(self.filename, "r" if mode == "r" else "r+", keep_open, **h5_kwargs)
+        self._handle = FileHandle(
+            self.filename, "r" if mode == "r" else "r+", keep_open, **h5_kwargs
+        )
         self._cache: dict[str, Any] = {}
         self._writer: Writer | None = None
         if mode in ("r", "r+"):
@@ -317,8 +319,17 @@ class TypedFile:
         from .ingest import create
 
         return create(
-            cls, filename, sources, mode, schema, n_workers, scheduler, keep_open, on_error,
-            progress, **kwargs,
+            cls,
+            filename,
+            sources,
+            mode,
+            schema,
+            n_workers,
+            scheduler,
+            keep_open,
+            on_error,
+            progress,
+            **kwargs,
         )
 
     @classmethod
@@ -331,7 +342,7 @@ class TypedFile:
         """The root group's attributes, decoded."""
         return self._attrs("")
 
-    # -- internals used by proxies and the writer ---------------------------------------------------
+    # -- internals used by proxies and the writer -----------------------------------------------
 
     def _add(self, id: str, data: Any) -> None:
         if not isinstance(id, str):
@@ -395,7 +406,10 @@ class TypedFile:
         self.flush()
         with self._handle.open() as f:
             ds = f[path]
-            if fmt.is_string_dtype(ds.dtype) and h5py.check_string_dtype(ds.dtype).encoding == "utf-8":
+            if (
+                fmt.is_string_dtype(ds.dtype)
+                and h5py.check_string_dtype(ds.dtype).encoding == "utf-8"
+            ):
                 ds = ds.asstr()
             return ds[item]
 

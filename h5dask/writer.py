@@ -150,7 +150,9 @@ class Writer:
         layout = self.file._committed_layout()
         node = layout.get(path)
         if node is not None and node.kind == "feature":
-            return Spec(node.dtype, node.shape[1:], self.file._ds_kwargs(path).get("dtype") is not None)
+            return Spec(
+                node.dtype, node.shape[1:], self.file._ds_kwargs(path).get("dtype") is not None
+            )
         if node is not None and node.kind == "dataset":
             raise ConcatError(id, path, "the file holds a plain dataset there, not a feature")
         for parent in _parents(path):
