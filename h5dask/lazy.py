@@ -15,12 +15,15 @@ never the number of ids.
 
 from __future__ import annotations
 
+import copy as _copy
+import fcntl
 import math
 import os
-from collections.abc import Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import dask
 import dask.array as da
@@ -31,14 +34,16 @@ from dask.base import tokenize
 from dask.utils import parse_bytes
 
 from . import format as fmt
-from .errors import FileFormatError, H5DaskError, UnknownIdError
-from .handle import open_h5
+from .errors import FileFormatError, H5DaskError, LoadError, ReadOnlyError, UnknownIdError
+from .feature import Feature, Group
+from .handle import FileHandle, open_h5
+from .index import IdIndex
 
 if TYPE_CHECKING:
     from .proxy import DatasetProxy
     from .typed_file import TypedFile
 
-__all__ = ["StaleFileError", "StoredArray", "to_dask", "to_bag", "file_to_dask"]
+__all__ = ["StaleFileError", "StoredArray", "to_dask", "to_bag", "file_to_dask", "map_sources"]
 
 
 class StaleFileError(H5DaskError):
@@ -378,3 +383,204 @@ def _read_run(ds: Any, table: np.ndarray, run: list[int], out: list) -> None:
     block = ds[lo:hi]
     for k in run:
         out[k] = block[table[k, 0] - lo : table[k, 1] - lo]
+
+
+# -- functions mapped over stored sources ----------------------------------------------------------
+
+
+class _FileLock:
+    """A lock on one file across threads (an RLock) and processes (``fcntl.lockf``).
+
+    It keeps the reads of mapped functions and the single writer's flushes
+    apart when a map writes into the file it reads: HDF5 refuses to open a
+    file for writing while another process has it open. Reentrant in a thread;
+    the process lock is taken by the outermost acquisition only.
+    """
+
+    _locks: ClassVar[dict[str, _FileLock]] = {}
+    _guard = threading.Lock()
+
+    def __init__(self) -> None:
+        self.rlock = threading.RLock()
+        self.depth = 0
+        self.fd: int | None = None
+
+    @classmethod
+    def of(cls, filename: str) -> _FileLock:
+        with cls._guard:
+            key = f"{os.getpid()}:{os.path.realpath(filename)}"
+            return cls._locks.setdefault(key, cls())
+
+    @contextmanager
+    def hold(self, filename: str, exclusive: bool) -> Iterator[None]:
+        with self.rlock:
+            if self.depth == 0:
+                self.fd = os.open(filename, os.O_RDWR if exclusive else os.O_RDONLY)
+                fcntl.lockf(self.fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            self.depth += 1
+            try:
+                yield
+            finally:
+                self.depth -= 1
+                if self.depth == 0:
+                    os.close(self.fd)  # closing it releases the process lock
+                    self.fd = None
+
+
+class _LockedHandle(FileHandle):
+    """The writer's handle on a file that mapped functions read: every open is exclusive."""
+
+    @contextmanager
+    def open(self, write: bool = False) -> Iterator[h5py.File]:
+        with _FileLock.of(self.filename).hold(self.filename, exclusive=True):
+            with super().open(write) as f:
+                yield f
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where a mapped function reads: a feature of a file, by path."""
+
+    filename: str
+    h5_kwargs: tuple
+    feature: str
+    n_ids: int
+    locked: bool
+
+    @contextmanager
+    def open(self) -> Iterator[h5py.File]:
+        if not self.locked:
+            with _open(self.filename, self.h5_kwargs, self.feature) as f:
+                yield f
+            return
+        with _FileLock.of(self.filename).hold(self.filename, exclusive=False):
+            with _open(self.filename, self.h5_kwargs, self.feature) as f:
+                yield f
+
+    def read(self, id: str) -> np.ndarray:
+        """The stored array of ``id`` (the last one read is kept for the next function)."""
+        key = (self, id)
+        if _LAST.get("key") != key:
+            _LAST.clear()
+            _LAST.update(key=key, value=self._read(id))
+        return _LAST["value"]
+
+    def _read(self, id: str) -> np.ndarray:
+        with self.open() as f:
+            index, table = self._tables(f)
+            start, stop = table[index[id]]
+            return _as_strings(f[f"{self.feature}/{fmt.VALUES}"])[start:stop]
+
+    def _tables(self, f: h5py.File) -> tuple[IdIndex, np.ndarray]:
+        if self not in _TABLES:
+            _TABLES.clear()
+            ids = fmt.read_ids(f)[: self.n_ids]
+            _TABLES[self] = (IdIndex(ids), fmt.read_refs(f[self.feature], self.n_ids))
+        return _TABLES[self]
+
+
+_LAST: dict[str, Any] = {}
+_TABLES: dict[_Source, tuple[IdIndex, np.ndarray]] = {}
+
+
+class MappedFunction(Feature):
+    """A feature whose ``load(id)`` applies a function to the stored array of ``id``.
+
+    :func:`map_sources` builds one per function and feeds them to the same
+    engine and writer as :meth:`TypedFile.create`; each worker opens the
+    source file by path.
+    """
+
+    def __init__(self, func: Callable[[np.ndarray], Any], source: _Source, output: str):
+        self.func = func
+        self.source = source
+        self.output = output
+
+    def load(self, source: Any) -> Any:
+        data = self.source.read(source)
+        try:
+            return self.func(data)
+        except Exception as exc:
+            name = getattr(self.func, "__qualname__", repr(self.func))
+            cause = f"{name}() on {self.source.feature!r} raised {type(exc).__name__}: {exc}"
+            raise LoadError(source, self.output, cause) from exc
+
+
+def map_sources(
+    proxy: DatasetProxy,
+    fdict: Mapping[str, Callable[[np.ndarray], Any]],
+    destination: TypedFile | None = None,
+    n_workers: int | None = None,
+    scheduler: Any = None,
+    on_error: str = "raise",
+    progress: bool = True,
+) -> TypedFile:
+    """Apply functions to the stored array of every id; store results as new features.
+
+    See :meth:`h5dask.DatasetProxy.map`.
+    """
+    from .ingest import ON_ERROR, _ingest
+
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, not {on_error!r}")
+    if not fdict:
+        raise ValueError("map() needs at least one function: fdict is empty")
+    source_file = proxy.file
+    destination = source_file if destination is None else destination
+    if destination.mode == "r":
+        raise ReadOnlyError(f"cannot store results in {destination.filename!r}: it is read-only")
+    same = _same_file(source_file.filename, destination.filename)
+    for file in (source_file, destination):
+        file.flush()
+        file._handle.close()  # no handle of ours may block the writer or the workers
+    source = _Source(
+        os.path.abspath(source_file.filename), _kwargs_items(source_file._handle.h5_kwargs),
+        proxy.path, len(source_file.index), same,
+    )  # fmt: skip
+    schema = _nest({out: MappedFunction(f, source, out) for out, f in fdict.items()})
+    todo = _todo(proxy, destination, list(fdict))
+    writer_file = _writer_file(destination) if same else destination
+    _ingest(writer_file, todo, schema, n_workers, scheduler, on_error, progress)
+    destination.refresh()
+    return destination
+
+
+def _same_file(a: str, b: str) -> bool:
+    return os.path.exists(b) and os.path.samefile(a, b)
+
+
+def _writer_file(destination: TypedFile) -> TypedFile:
+    """A copy of ``destination`` whose writes take the exclusive file lock."""
+    copy = _copy.copy(destination)
+    old = destination._handle
+    copy._handle = _LockedHandle(old.filename, old.mode, False, **old.h5_kwargs)
+    return copy
+
+
+def _nest(flat: dict[str, Feature]) -> dict[str, Feature]:
+    """A schema from ``{"a/b": feature}``: groups for the parts of each path."""
+    tree: dict[str, Any] = {}
+    for path, feature in flat.items():
+        *parents, name = path.strip("/").split("/")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[name] = feature
+    return _groups(tree)
+
+
+def _groups(tree: dict[str, Any]) -> dict[str, Feature]:
+    return {k: Group(**_groups(v)) if isinstance(v, dict) else v for k, v in tree.items()}
+
+
+def _todo(proxy: DatasetProxy, destination: TypedFile, outputs: list[str]) -> list[str]:
+    """The ids with data in ``proxy`` that some output does not hold yet (resume)."""
+    ids = proxy.ids
+    positions = destination.index.positions(ids)
+    found = positions >= 0
+    done = found.copy()
+    for output in outputs:
+        stored = np.zeros(len(ids), dtype=bool)
+        stored[found] = destination._refs(output.strip("/"))[positions[found], 0] >= 0
+        done &= stored
+    return ids[~done].tolist()
