@@ -330,6 +330,36 @@ class DatasetProxy(Proxy):
 
         return to_bag(self, npartitions, ids_per_partition)
 
+    def map(
+        self,
+        fdict: dict[str, Any],
+        destination: TypedFile | None = None,
+        n_workers: int | None = None,
+        scheduler: Any = None,
+        on_error: str = "raise",
+        progress: bool = True,
+    ) -> TypedFile:
+        """Apply functions to the stored array of every id and store their results.
+
+        Runs as ``create`` does (dask tasks of many ids, one writer, progress,
+        ``on_error``, resume: ids whose results are all stored are skipped);
+        h5mapper's ``compute``. See :func:`h5dask.lazy.map_sources`.
+
+        Parameters
+        ----------
+        fdict : dict of str to callable
+            Output feature path (``"stats/mean"``) -> function of one id's array.
+        destination : TypedFile, optional
+            Where results go, by id; default: this file.
+
+        Examples
+        --------
+        >>> file.data.sound.map({"stats/rms": rms})  # doctest: +SKIP
+        """
+        from .lazy import map_sources
+
+        return map_sources(self, fdict, destination, n_workers, scheduler, on_error, progress)
+
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         data = np.asarray(self[()])
         return data if dtype is None else data.astype(dtype)
