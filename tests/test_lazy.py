@@ -259,3 +259,79 @@ def test_graph_size_follows_the_data_not_the_ids(tmp_path):
     assert bag_few.npartitions <= 10  # an id is never split
     assert int(lazy_many.sum().compute()) == 16_000_000
     assert isinstance(lazy_many, da.Array)
+
+
+# -- map: functions over stored sources ----------------------------------------------------------
+
+
+def rms(array: np.ndarray) -> np.ndarray:
+    if not len(array):
+        raise ValueError("no rows")
+    return np.sqrt((array.astype(np.float64) ** 2).mean(axis=0, keepdims=True))
+
+
+def n_rows(array: np.ndarray) -> int:
+    return len(array)
+
+
+def fails_on_long(array: np.ndarray) -> int:
+    if len(array) > 30:
+        raise ValueError(f"too long: {len(array)} rows")
+    return len(array)
+
+
+def _check_mapped(file: h5m.TypedFile, arrays: dict[str, np.ndarray]) -> None:
+    for id, array in arrays.items():
+        if len(array):  # rms fails on empty arrays: the whole id is skipped, as in create
+            np.testing.assert_allclose(file.stats.rms.get(id), rms(array), rtol=1e-6)
+            assert file.stats.n.get(id)[0] == len(array)
+
+
+@pytest.mark.parametrize("scheduler", ["sync", "threads", "processes"])
+def test_map_into_the_same_file(recordings, scheduler):
+    file, arrays = recordings
+    out = file.signal.map(
+        {"stats/rms": rms, "stats/n": n_rows}, scheduler=scheduler, on_error="skip", progress=False
+    )
+    assert out is file
+    _check_mapped(file, arrays)
+    assert [f.source for f in file.errors] == [id for id, a in arrays.items() if not len(a)]
+
+
+def test_map_on_a_cluster_into_another_file(recordings, cluster, tmp_path):
+    file, arrays = recordings
+    destination = h5m.TypedFile(tmp_path / "stats.h5", mode="w")
+    out = file.signal.map(
+        {"stats/rms": rms, "stats/n": n_rows}, destination, scheduler=cluster, on_error="skip"
+    )
+    assert out is destination and os.path.exists(destination.filename)
+    _check_mapped(destination, arrays)
+    np.testing.assert_array_equal(destination.ids, [id for id, a in arrays.items() if len(a)])
+    assert "stats" not in h5m.TypedFile(file.filename).keys()
+
+
+def test_map_errors_name_source_feature_and_cause(recordings):
+    file, arrays = recordings
+    long = next(id for id, a in arrays.items() if len(a) > 30)
+    with pytest.raises(h5m.errors.LoadError) as info:
+        file.signal.map({"n": fails_on_long}, scheduler="sync", progress=False)
+    assert info.value.source == long and info.value.feature == "n"
+    assert "fails_on_long() on 'signal' raised ValueError: too long" in str(info.value)
+
+
+def test_map_resumes_and_skips(recordings):
+    file, arrays = recordings
+    file.signal.map({"n": fails_on_long}, scheduler="sync", on_error="skip", progress=False)
+    failed = {f.source for f in file.errors}
+    assert failed == {id for id, a in arrays.items() if len(a) > 30}
+    stored = len(file.n)
+    calls = []
+
+    def count(array: np.ndarray) -> int:
+        calls.append(1)
+        return len(array)
+
+    file.signal.map({"n": count}, scheduler="sync", progress=False)
+    assert len(calls) == len(failed)  # only the ids not stored yet run again
+    assert len(file.n) == stored + len(failed)
+    assert all(file.n.get(id)[0] == len(a) for id, a in arrays.items())
