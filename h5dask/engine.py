@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pickle
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -23,6 +24,7 @@ from typing import Any
 
 import dask
 import numpy as np
+from tblib import pickling_support
 from tqdm.auto import tqdm
 
 from .errors import H5DaskError
@@ -65,6 +67,29 @@ class Packed:
                 if rows[k] >= 0:
                     flat[path] = self.values[path][starts[path][k] : starts[path][k + 1]]
             yield id, flat
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle errors with their causes and tracebacks, which plain pickling drops."""
+        for error in self.errors.values():
+            _portable(error)
+        return self.__dict__
+
+
+def _portable(error: H5DaskError) -> None:
+    """Make ``error``, its cause and their tracebacks survive pickling (as distributed does).
+
+    A cause that does not survive a pickle round trip (it holds a lock, or its
+    ``__init__`` does not take its ``args``) is replaced by a ``RuntimeError``
+    carrying its type, message and traceback.
+    """
+    pickling_support.install(error)
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:
+        cause = error.__cause__
+        text = f"{type(cause).__qualname__}: {cause} (the original exception could not be pickled)"
+        error.__cause__ = RuntimeError(text).with_traceback(getattr(cause, "__traceback__", None))
+        error.__context__ = None
 
 
 def load_partition(ids: list[str], schema: dict[str, Feature]) -> Packed:
