@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import pickle
+import re
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -31,11 +32,12 @@ from .errors import H5DaskError
 from .extract import flatten, load_schema
 from .feature import Feature
 
-__all__ = ["run_loads", "load_partition", "Packed", "partition_size"]
+__all__ = ["run_loads", "load_partition", "Packed", "partition_size", "check_scheduler"]
 
 LOCAL = {"sync": "sync", "synchronous": "sync", "single-threaded": "sync"}
 LOCAL.update(threads="threads", threading="threads", processes="processes")
 LOCAL.update(multiprocessing="processes")
+ADDRESS = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://\S+|[^\s:/]+:\d+)$")
 MAX_PARTITION = 512
 
 
@@ -180,9 +182,38 @@ def _in_order(
             future.cancel()
 
 
+def check_scheduler(scheduler: Any) -> None:
+    """Raise :class:`ValueError` for a scheduler that :func:`run_loads` cannot use.
+
+    Examples
+    --------
+    >>> check_scheduler("threads"), check_scheduler("tcp://10.0.0.1:8786")
+    (None, None)
+    >>> check_scheduler("thread")
+    Traceback (most recent call last):
+    ...
+    ValueError: scheduler must be 'sync', 'threads', 'processes', a scheduler address \
+('tcp://host:8786') or a distributed.Client, not 'thread'
+    """
+    if scheduler is None or (isinstance(scheduler, str) and scheduler in LOCAL):
+        return
+    if isinstance(scheduler, str) and ADDRESS.match(scheduler):
+        return
+    if not isinstance(scheduler, str):
+        import distributed
+
+        if isinstance(scheduler, distributed.Client):
+            return
+    raise ValueError(
+        "scheduler must be 'sync', 'threads', 'processes', a scheduler address "
+        f"('tcp://host:8786') or a distributed.Client, not {scheduler!r}"
+    )
+
+
 @contextmanager
 def _submitter(scheduler: Any, n_workers: int | None) -> Iterator[tuple[Callable, int, str]]:
     """A ``submit(fn, *args) -> future`` for the chosen scheduler, its worker count and name."""
+    check_scheduler(scheduler)
     n_workers = n_workers or os.cpu_count() or 1
     if isinstance(scheduler, str) and scheduler in LOCAL:
         with _local_pool(LOCAL[scheduler], n_workers) as submit:
@@ -239,11 +270,6 @@ def _client(scheduler: Any, n_workers: int) -> Iterator[Any]:
         yield scheduler
         return
     if scheduler is not None:
-        if not isinstance(scheduler, str):
-            raise ValueError(
-                "scheduler must be 'sync', 'threads', 'processes', a scheduler address or a "
-                f"distributed.Client, not {scheduler!r}"
-            )
         with distributed.Client(scheduler) as client:
             yield client
         return

@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from .engine import run_loads
+from .engine import check_scheduler, run_loads
 from .errors import H5DaskError, SchemaError
 from .failures import Failure, record_failures
 from .feature import Feature
@@ -40,12 +40,7 @@ def create(
         raise ValueError(f"on_error must be one of {ON_ERROR}, not {on_error!r}")
     if mode not in ("w", "a", "r+", "w-", "x"):
         raise ValueError(f"create() takes mode 'w', 'a', 'r+', 'w-' or 'x', not {mode!r}")
-    if parallelism is not None and scheduler is None:
-        if parallelism not in PARALLELISM:
-            raise ValueError(
-                f"parallelism must be one of {sorted(PARALLELISM)}, not {parallelism!r}"
-            )
-        scheduler = PARALLELISM[parallelism]
+    scheduler = _scheduler(scheduler, parallelism)
     ids = expand_sources(sources)
     file = cls(filename, mode=mode, schema=schema, **h5_kwargs)
     for feature in schema.values():
@@ -59,6 +54,20 @@ def create(
     if failures:
         file._cache["failures"] = failures
     return file
+
+
+def _scheduler(scheduler: Any, parallelism: str | None) -> Any:
+    """The scheduler to use, checked before any file is touched."""
+    if parallelism is not None:
+        if parallelism not in PARALLELISM:
+            raise ValueError(
+                f"parallelism must be one of {sorted(PARALLELISM)}, not {parallelism!r}"
+            )
+        if scheduler is not None:
+            raise ValueError("give scheduler= or parallelism= (h5mapper's name), not both")
+        scheduler = PARALLELISM[parallelism]
+    check_scheduler(scheduler)
+    return scheduler
 
 
 def _resolve_schema(
