@@ -1,0 +1,633 @@
+"""Tests of TypedFile.create on dask: every scheduler, byte-identical files, every error path.
+
+Real parts only: a distributed LocalCluster of 2 worker processes (one per module), the
+threads, processes and sync schedulers, the embedded cluster, files on disk, ``memory://``
+and a local HTTP server. Features are defined at module level so that worker processes
+can import them (pytest puts ``tests/`` on ``sys.path``, which spawned workers inherit).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import distributed
+import h5py
+import numpy as np
+import psutil
+import pytest
+
+import h5dask as h5m
+from h5dask import engine
+from h5dask.errors import ConcatError, LoadError, SchemaError
+from h5dask.sources import open_source
+
+# -- features (module level: worker processes import them) --------------------------------
+
+
+class Ragged(h5m.Feature):
+    """``"n:k"`` -> ``n`` rows of 3 float32 (``n`` may be 0); ``"none:k"`` -> no data."""
+
+    def load(self, source):
+        n, k = source.split(":")
+        if n == "none":
+            return None
+        rows = np.arange(int(n), dtype=np.float32)[:, None]
+        return rows + np.array([int(k), 0.5, -1.0], dtype=np.float32)
+
+    def after_create(self, file, feature_key):
+        file.handle()[feature_key].attrs["n_rows"] = len(file.get_proxy(feature_key))
+
+
+class Twice(h5m.Feature):
+    derived_from = "x"
+
+    def load(self, x):
+        return x * 2
+
+
+class Name(h5m.Feature):
+    __re__ = r"^[1-9]"  # sources with at least one row
+
+    def load(self, source):
+        return f"source {source} é"
+
+
+class Label(h5m.Feature):
+    __re__ = r"^\d"
+
+    def load(self, source):
+        return int(source.split(":")[1]) % 5
+
+
+class Ragged_File(h5m.TypedFile):
+    data = h5m.Group(x=Ragged(), twice=Twice(), name=Name())
+    label = Label()
+
+    def after_create(self):
+        self.handle().attrs["n_ids_after_create"] = len(self)
+
+
+class Payload(h5m.Feature):
+    """The bytes of a file or URL, read with ``open_source``; ``b"bad..."`` fails."""
+
+    __re__ = r"\.bin$"
+
+    def __init__(self, log_dir: str | None = None):
+        self.log_dir = log_dir
+
+    def load(self, source):
+        if self.log_dir is not None:  # one file per call: a lock-free log across processes
+            name = source.replace("/", "_").replace(":", "_")
+            Path(self.log_dir, f"{name}-{uuid.uuid4().hex}").touch()
+        with open_source(source) as f:
+            data = f.read()
+        if data.startswith(b"bad"):
+            raise ValueError(f"corrupt payload {data[:8]!r}")
+        return np.frombuffer(data, dtype=np.uint8)
+
+
+class Flaky(h5m.Feature):
+    """Fails on sources holding ``"bad"``; ``"lock"`` raises an exception that cannot pickle."""
+
+    def load(self, source):
+        if "lock" in source:
+            raise LockedError(f"stuck on {source}")
+        if "bad" in source:
+            raise ValueError(f"cannot parse {source}")
+        return np.array([len(source)], dtype=np.int64)
+
+
+class LockedError(Exception):
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+class Shaped(h5m.Feature):
+    """``"name-width-dtype"`` -> zeros of shape (2, width) and that dtype."""
+
+    __re__ = r"^\w+-\d+-\w+$"
+
+    def load(self, source):
+        _, width, dtype = source.split("-")
+        return np.zeros((2, int(width)), dtype=dtype)
+
+
+class Where(h5m.Feature):
+    """Where the load ran: ``[pid, thread id]``."""
+
+    def load(self, source):
+        return np.array([[os.getpid(), threading.get_ident()]], dtype=np.uint64)
+
+
+# -- fixtures and helpers -----------------------------------------------------------------
+
+RAGGED = [f"{n}:{k}" for k, n in enumerate([3, 0, "none", 1, 7, 0, 2, "none"] * 6)]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    with distributed.Client(cluster, set_as_default=False) as client:
+        yield client
+
+
+@pytest.fixture
+def dead_url():
+    """A URL on 127.0.0.1 where nothing listens."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def build(path, sources, schema=None, cls=h5m.TypedFile, **kwargs):
+    kwargs.setdefault("progress", False)
+    return cls.create(path, sources, schema=schema, **kwargs)
+
+
+def snapshot(path) -> dict:
+    """Every dataset of a file read with plain h5py: dtype, shape, chunks and its bytes."""
+    out = {}
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Dataset):
+            if h5py.check_string_dtype(obj.dtype):
+                data = obj.asstr()[()].tolist()
+            else:
+                data = obj[()].tobytes()
+            out[name] = (obj.dtype.str, obj.shape, obj.chunks, data)
+
+    with h5py.File(path, "r") as f:
+        f.visititems(visit)
+    return out
+
+
+def plain_ids(path) -> list[str]:
+    with h5py.File(path, "r") as f:
+        return f["__src__/id"].asstr()[()].tolist()
+
+
+def write_files(root: Path, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+
+
+def children() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+# -- equality across schedulers and worker counts ----------------------------------------
+
+
+def test_ragged_file_reads_back(tmp_path):
+    file = build(tmp_path / "r.h5", RAGGED, cls=Ragged_File, scheduler="sync")
+    with_data = [s for s in RAGGED if not s.startswith("none")]
+    assert plain_ids(file.filename) == with_data
+    x = file.get_proxy("data/x")
+    for id in with_data:
+        n, k = (int(v) for v in id.split(":"))
+        np.testing.assert_array_equal(x.get(id), Ragged().load(id))
+        np.testing.assert_array_equal(file.get_proxy("data/twice").get(id), 2 * Ragged().load(id))
+        assert file.label.get(id).tolist() == [k % 5]
+        assert (file.get_proxy("data/name").get(id) is None) == (n == 0)
+    zero = x.refs[with_data.index("0:1")]
+    assert zero.start == zero.stop  # a zero-row result is an empty region, not an absence
+    with h5py.File(file.filename, "r") as f:
+        assert f["data/name/refs"][with_data.index("0:1")].tolist() == [-1, -1]
+        assert f["data/x"].attrs["n_rows"] == f["data/x/values"].shape[0] == 13 * 6
+        assert f.attrs["n_ids_after_create"] == len(with_data)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(scheduler="threads", n_workers=1),
+        dict(scheduler="threads", n_workers=3),
+        dict(scheduler="processes", n_workers=2),
+        dict(parallelism="none"),
+        "client",
+        "active client",
+    ],
+    ids=["threads-1", "threads-3", "processes-2", "parallelism-none", "client", "active"],
+)
+def test_files_are_byte_identical_whatever_the_scheduler(tmp_path, client, cluster, kwargs):
+    reference = build(tmp_path / "sync.h5", RAGGED, cls=Ragged_File, scheduler="sync")
+    path = tmp_path / "other.h5"
+    if kwargs == "client":
+        file = build(path, RAGGED, cls=Ragged_File, scheduler=client)
+    elif kwargs == "active client":
+        with distributed.Client(cluster):
+            file = build(path, RAGGED, cls=Ragged_File)
+    else:
+        file = build(path, RAGGED, cls=Ragged_File, **kwargs)
+    expected = snapshot(reference.filename)
+    assert set(expected) >= {"__src__/id", "data/x/values", "data/x/refs", "label/refs"}
+    assert snapshot(file.filename) == expected
+    with h5py.File(file.filename, "r") as f:  # after_create ran once, on every scheduler
+        assert f["data/x"].attrs["n_rows"] == 13 * 6
+        assert f.attrs["n_ids_after_create"] == len(plain_ids(file.filename))
+
+
+def test_many_partitions_are_written_in_id_order(tmp_path, client):
+    sources = [f"{n}:{k}" for k, n in enumerate(np.random.default_rng(0).integers(0, 9, 700))]
+    files = [
+        build(tmp_path / "sync.h5", sources, {"x": Ragged()}, scheduler="sync"),
+        build(tmp_path / "threads.h5", sources, {"x": Ragged()}, scheduler="threads", n_workers=4),
+        build(tmp_path / "client.h5", sources, {"x": Ragged()}, scheduler=client),
+    ]
+    assert plain_ids(files[0].filename) == sources
+    assert snapshot(files[1].filename) == snapshot(files[0].filename)
+    assert snapshot(files[2].filename) == snapshot(files[0].filename)
+
+
+# -- where loads run ----------------------------------------------------------------------
+
+
+def ran_in(file) -> tuple[set[int], set[int]]:
+    where = file.get_proxy("where")[:]
+    return set(where[:, 0].tolist()), set(where[:, 1].tolist())
+
+
+@pytest.mark.parametrize(
+    "how",
+    [dict(parallelism="none"), dict(scheduler="sync"), dict(scheduler="single-threaded")],
+)
+def test_sync_runs_in_the_calling_thread(tmp_path, how):
+    pids, threads = ran_in(
+        build(tmp_path / "w.h5", [str(i) for i in range(20)], {"where": Where()}, **how)
+    )
+    assert pids == {os.getpid()} and threads == {threading.get_ident()}
+
+
+@pytest.mark.parametrize("how", [dict(parallelism="threads"), dict(scheduler="threads")])
+def test_threads_run_in_this_process_off_the_calling_thread(tmp_path, how):
+    file = build(tmp_path / "w.h5", [str(i) for i in range(20)], {"where": Where()}, **how)
+    pids, threads = ran_in(file)
+    assert pids == {os.getpid()} and threading.get_ident() not in threads
+
+
+@pytest.mark.parametrize("how", [dict(parallelism="mp"), dict(scheduler="processes")])
+def test_processes_run_in_other_processes(tmp_path, how):
+    before = children()
+    file = build(
+        tmp_path / "w.h5", [str(i) for i in range(20)], {"where": Where()}, n_workers=2, **how
+    )
+    pids, _ = ran_in(file)
+    assert os.getpid() not in pids and 1 <= len(pids) <= 2
+    assert not (children() - before) & pids  # the pool is shut down
+
+
+def test_a_client_runs_loads_on_its_workers(tmp_path, client, cluster):
+    workers = set(client.run(os.getpid).values())
+    pids, _ = ran_in(
+        build(tmp_path / "a.h5", [str(i) for i in range(40)], {"where": Where()}, scheduler=client)
+    )
+    assert pids <= workers
+    with distributed.Client(cluster):  # the active client is used when scheduler=None
+        pids, _ = ran_in(build(tmp_path / "b.h5", [str(i) for i in range(40)], {"where": Where()}))
+    assert pids <= workers
+    pids, _ = ran_in(
+        build(
+            tmp_path / "c.h5",
+            [str(i) for i in range(40)],
+            {"where": Where()},
+            scheduler=cluster.scheduler_address,
+        )
+    )
+    assert pids <= workers
+
+
+def test_embedded_cluster_shuts_down_after_success_and_after_an_error(tmp_path, cluster):
+    before = children()  # the module's cluster workers are running: they stay
+    file = build(tmp_path / "e.h5", [str(i) for i in range(30)], {"where": Where()}, n_workers=2)
+    pids, _ = ran_in(file)
+    assert os.getpid() not in pids and pids.isdisjoint(before)
+    assert children() <= before, "the embedded cluster left processes behind"
+    with pytest.raises(LoadError, match="bad-7"):
+        build(
+            tmp_path / "f.h5",
+            [f"ok-{i}" for i in range(7)] + ["bad-7"],
+            {"f": Flaky()},
+            n_workers=2,
+        )
+    assert children() <= before, "the embedded cluster left processes behind after an error"
+
+
+# -- sources: local directories, globs, memory:// and http:// -----------------------------
+
+
+def test_local_directories_and_globs(tmp_path, client):
+    files = {
+        "imgs/b.bin": b"bb",
+        "imgs/sub/a.bin": b"a" * 5,
+        "imgs/empty.bin": b"",
+        "imgs/.hidden.bin": b"h",
+        "imgs/.cache/c.bin": b"c",
+        "more/x.bin": b"xyz",
+        "more/y.txt": b"yy",
+    }
+    write_files(tmp_path, files)
+    sources = [str(tmp_path / "imgs"), str(tmp_path / "more" / "*.bin")]
+    ids = [
+        str(tmp_path / n) for n in ["imgs/b.bin", "imgs/empty.bin", "imgs/sub/a.bin", "more/x.bin"]
+    ]
+    built = [
+        build(tmp_path / "sync.h5", sources, {"payload": Payload()}, scheduler="sync"),
+        build(tmp_path / "dist.h5", sources, {"payload": Payload()}, scheduler=client),
+    ]
+    for file in built:
+        assert plain_ids(file.filename) == ids
+        for id in ids:
+            assert file.payload.get(id).tobytes() == Path(id).read_bytes()
+    assert snapshot(built[1].filename) == snapshot(built[0].filename)
+
+
+@pytest.mark.parametrize("scheduler", ["sync", "threads"])
+def test_memory_urls(tmp_path, memory_fs, scheduler):
+    for name, data in {
+        "a.bin": b"aa",
+        "sub/b.bin": b"b" * 9,
+        ".hidden.bin": b"h",
+        ".git/c.bin": b"c",
+    }.items():
+        memory_fs.pipe(f"memory://bucket/imgs/{name}", data)
+    memory_fs.pipe("memory://bucket/other/z.bin", b"zz")
+    memory_fs.pipe("memory://bucket/other/z.txt", b"no")
+    sources = ["memory://bucket/imgs/", "memory://bucket/other/*.bin"]
+    file = build(tmp_path / "m.h5", sources, {"payload": Payload()}, scheduler=scheduler)
+    ids = [
+        "memory://bucket/imgs/a.bin",
+        "memory://bucket/imgs/sub/b.bin",
+        "memory://bucket/other/z.bin",
+    ]
+    assert plain_ids(file.filename) == ids
+    assert [file.payload.get(i).tobytes() for i in ids] == [b"aa", b"b" * 9, b"zz"]
+
+
+def test_http_urls_on_threads_and_on_the_cluster(tmp_path, http_server, client):
+    write_files(
+        http_server.root, {"d/a.bin": b"aaa", "d/s/b.bin": b"b", "d/.h.bin": b"h", "e.bin": b"ee"}
+    )
+    sources = [f"{http_server.url}/d/", f"{http_server.url}/e.bin"]
+    ids = [f"{http_server.url}/d/a.bin", f"{http_server.url}/d/s/b.bin", f"{http_server.url}/e.bin"]
+    threads = build(tmp_path / "t.h5", sources, {"payload": Payload()}, scheduler="threads")
+    dist = build(tmp_path / "d.h5", sources, {"payload": Payload()}, scheduler=client)
+    assert plain_ids(threads.filename) == ids
+    assert [dist.payload.get(i).tobytes() for i in ids] == [b"aaa", b"b", b"ee"]
+    assert snapshot(dist.filename) == snapshot(threads.filename)
+
+
+# -- errors -------------------------------------------------------------------------------
+
+SCHEDULERS = ["sync", "threads", "processes", "client"]
+
+
+def scheduler_of(name, client):
+    return client if name == "client" else name
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_a_failing_load_stops_the_build_keeping_what_came_before(tmp_path, client, name):
+    sources = [f"ok-{i}" for i in range(25)] + ["bad-25"] + [f"ok-{i}" for i in range(26, 40)]
+    path = tmp_path / "f.h5"
+    with pytest.raises(LoadError) as info:
+        build(path, sources, {"f": Flaky()}, scheduler=scheduler_of(name, client), n_workers=2)
+    error = info.value
+    assert (error.source, error.feature) == ("bad-25", "f")
+    assert "'bad-25'" in str(error) and "'f'" in str(error) and "cannot parse bad-25" in str(error)
+    assert isinstance(error.__cause__, ValueError)
+    assert str(error.__cause__) == "cannot parse bad-25"
+    assert error.__cause__.__traceback__ is not None  # the original traceback is chained
+    assert plain_ids(path) == sources[:25]
+    file = h5m.TypedFile(path)
+    assert [file.f.get(i).tolist() for i in sources[:25]] == [[len(s)] for s in sources[:25]]
+
+
+@pytest.mark.parametrize("name", ["sync", "processes", "client"])
+def test_an_exception_that_cannot_pickle_still_names_source_and_feature(tmp_path, client, name):
+    sources = ["ok-0", "ok-1", "lock-2", "ok-3"]
+    with pytest.raises(LoadError) as info:
+        build(
+            tmp_path / "l.h5",
+            sources,
+            {"f": Flaky()},
+            scheduler=scheduler_of(name, client),
+            n_workers=2,
+        )
+    assert (info.value.source, info.value.feature) == ("lock-2", "f")
+    assert "LockedError: stuck on lock-2" in str(info.value)
+    assert "stuck on lock-2" in str(info.value.__cause__)
+    assert plain_ids(tmp_path / "l.h5") == ["ok-0", "ok-1"]
+
+
+@pytest.mark.parametrize("name", ["threads", "client"])
+def test_a_missing_file_and_an_unreachable_url(tmp_path, client, dead_url, name):
+    write_files(tmp_path, {"a.bin": b"a"})
+    missing = str(tmp_path / "missing.bin")
+    with pytest.raises(LoadError) as info:
+        build(
+            tmp_path / "m.h5",
+            [str(tmp_path / "a.bin"), missing],
+            {"payload": Payload()},
+            scheduler=scheduler_of(name, client),
+        )
+    assert (info.value.source, info.value.feature) == (missing, "payload")
+    assert "missing.bin" in str(info.value.__cause__)
+    url = f"{dead_url}/x.bin"
+    with pytest.raises(LoadError) as info:
+        build(
+            tmp_path / "u.h5",
+            [str(tmp_path / "a.bin"), url],
+            {"payload": Payload()},
+            scheduler=scheduler_of(name, client),
+        )
+    assert (info.value.source, info.value.feature) == (url, "payload")
+    assert url in str(info.value) and info.value.__cause__ is not None
+    assert plain_ids(tmp_path / "u.h5") == [str(tmp_path / "a.bin")]
+
+
+@pytest.mark.parametrize("name", ["sync", "processes", "client"])
+def test_shape_and_dtype_mismatches_name_the_later_source(tmp_path, client, name):
+    scheduler = scheduler_of(name, client)
+    good = [f"s{i}-3-float32" for i in range(30)]
+    with pytest.raises(ConcatError) as info:
+        build(
+            tmp_path / "s.h5",
+            good + ["late-4-float32"],
+            {"x": Shaped()},
+            scheduler=scheduler,
+            n_workers=2,
+        )
+    assert (info.value.source, info.value.feature) == ("late-4-float32", "x")
+    assert "(2, 4)" in str(info.value) and "(3,)" in str(info.value)
+    assert plain_ids(tmp_path / "s.h5") == good
+    with pytest.raises(ConcatError) as info:
+        build(
+            tmp_path / "d.h5",
+            ["a-3-int32", "b-3-int16", "c-3-float64"],
+            {"x": Shaped()},
+            scheduler=scheduler,
+            n_workers=2,
+        )
+    assert (info.value.source, info.value.feature) == ("c-3-float64", "x")
+    assert "float64" in str(info.value) and "int32" in str(info.value)
+    with h5py.File(tmp_path / "d.h5", "r") as f:  # the safe cast of int16 was kept
+        assert f["__src__/id"].shape == (2,) and f["x/values"].dtype == np.int32
+
+
+@pytest.mark.parametrize("name", ["threads", "client"])
+def test_skip_records_every_failure_and_finishes(tmp_path, client, name):
+    write_files(tmp_path, {"good.bin": b"good", "bad.bin": b"bad!", "also.bin": b"a"})
+    good, bad, also = (str(tmp_path / n) for n in ["good.bin", "bad.bin", "also.bin"])
+    missing = str(tmp_path / "missing.bin")
+    sources = ["p-3-float32", good, bad, missing, "q-2-float32", also, "r-3-float32"]
+    schema = {"payload": Payload(), "shape": h5m.Group(x=Shaped())}
+    file = build(
+        tmp_path / "k.h5", sources, schema, scheduler=scheduler_of(name, client), on_error="skip"
+    )
+    assert plain_ids(file.filename) == ["p-3-float32", good, also, "r-3-float32"]
+    assert file.payload.get(also).tobytes() == b"a"
+    errors = file.errors
+    assert [(e.source, e.feature) for e in errors] == [
+        (bad, "payload"),
+        (missing, "payload"),
+        ("q-2-float32", "shape/x"),
+    ]
+    assert "ValueError: corrupt payload" in errors[0].message
+    assert "missing.bin" in errors[1].message and "(2, 2)" in errors[2].message
+    with h5py.File(file.filename, "r") as f:
+        table = [
+            f[f"__errors__/{c}"].asstr()[()].tolist() for c in ("source", "feature", "message")
+        ]
+    assert [tuple(row) for row in zip(*table, strict=True)] == [
+        (e.source, e.feature, e.message) for e in errors
+    ]
+
+
+@pytest.mark.parametrize("name", ["sync", "client"])
+def test_resume_after_a_failure_skips_committed_ids(tmp_path, client, name):
+    names = [f"{i:02d}.bin" for i in range(12)]
+    write_files(tmp_path / "src", {n: bytes([i]) * (i + 1) for i, n in enumerate(names)})
+    (tmp_path / "src" / "07.bin").write_bytes(b"bad file")
+    log = tmp_path / "log"
+    log.mkdir()
+    path, scheduler = tmp_path / "r.h5", scheduler_of(name, client)
+    schema = {"payload": Payload(str(log))}
+    with pytest.raises(LoadError, match="07.bin"):
+        build(path, tmp_path / "src", schema, scheduler=scheduler, n_workers=2)
+    ids = [str(tmp_path / "src" / n) for n in names]
+    assert plain_ids(path) == ids[:7]
+    assert h5m.TypedFile(path).payload.get(ids[6]).tobytes() == bytes([6]) * 7
+    (tmp_path / "src" / "07.bin").write_bytes(bytes([7]) * 8)
+    for entry in log.iterdir():
+        entry.unlink()
+    file = build(path, tmp_path / "src", schema, mode="a", scheduler=scheduler, n_workers=2)
+    loaded = sorted(entry.name.rsplit("-", 1)[0] for entry in log.iterdir())
+    assert loaded == sorted(i.replace("/", "_").replace(":", "_") for i in ids[7:])
+    assert plain_ids(path) == ids
+    whole = build(tmp_path / "whole.h5", tmp_path / "src", {"payload": Payload()}, scheduler="sync")
+    assert [file.payload.get(i).tobytes() for i in ids] == [
+        whole.payload.get(i).tobytes() for i in ids
+    ]
+    with h5py.File(path, "r") as f, h5py.File(whole.filename, "r") as g:
+        assert f["payload/refs"][()].tolist() == g["payload/refs"][()].tolist()
+        assert f["payload/values"][()].tobytes() == g["payload/values"][()].tobytes()
+
+
+# -- invalid arguments ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(scheduler="bogus"), "scheduler"),
+        (dict(scheduler=3), "scheduler"),
+        (dict(parallelism="gpu"), "parallelism"),
+        (dict(parallelism="mp", scheduler="sync"), "not both"),
+        (dict(scheduler="tcp:/nowhere"), "scheduler"),
+        (dict(on_error="ignore"), "on_error"),
+        (dict(mode="r"), "mode"),
+    ],
+)
+def test_invalid_values_are_value_errors_that_leave_the_file_alone(tmp_path, kwargs, match):
+    path = tmp_path / "keep.h5"
+    build(path, ["1:1", "2:2"], {"x": Ragged()}, scheduler="sync")
+    before = snapshot(path)
+    with pytest.raises(ValueError, match=match):
+        build(path, ["3:3"], {"x": Ragged()}, **kwargs)
+    assert snapshot(path) == before
+
+
+def test_empty_schemas_are_schema_errors(tmp_path):
+    with pytest.raises(SchemaError, match="empty"):
+        build(tmp_path / "e.h5", ["1:1"], {}, scheduler="sync")
+
+    class Nothing(h5m.TypedFile):
+        pass
+
+    with pytest.raises(SchemaError, match="Nothing"):
+        build(tmp_path / "n.h5", ["1:1"], cls=Nothing, scheduler="sync")
+    with pytest.raises(SchemaError, match="load"):
+        build(tmp_path / "a.h5", ["1:1"], {"log": h5m.Array()}, scheduler="sync")
+
+
+# -- the bounded window ---------------------------------------------------------------------
+
+
+def slow(fn):
+    def run(*args):
+        time.sleep(random.uniform(0, 0.01))
+        return fn(*args)
+
+    return run
+
+
+def test_the_window_bounds_partitions_in_flight_and_keeps_order():
+    parts = [[f"{n}:{k}" for k in range(i * 5, i * 5 + 5) for n in [k % 3]] for i in range(40)]
+    submitted = []
+    with ThreadPoolExecutor(4) as pool:
+
+        def submit(fn, *args):
+            submitted.append(args[0])
+            return pool.submit(slow(fn), *args)
+
+        window = 3
+        seen = []
+        for k, packed in enumerate(engine._in_order(submit, parts, {"x": Ragged()}, window)):
+            assert len(submitted) <= window + k + 1  # at most `window` partitions in flight
+            assert packed.ids == parts[k]  # in order, whatever finished first
+            seen.extend(id for id, _ in packed)
+    assert len(submitted) == len(parts)
+    assert seen == [id for part in parts for id in part]
+
+
+def test_closing_the_window_cancels_what_has_not_started():
+    parts = [[str(i)] for i in range(10)]
+    futures = []
+    with ThreadPoolExecutor(1) as pool:
+
+        def submit(fn, *args):
+            futures.append(pool.submit(slow(fn), *args))
+            return futures[-1]
+
+        loads = engine._in_order(submit, parts, {"where": Where()}, window=4)
+        next(loads)
+        loads.close()
+        assert len(futures) == 5
+        assert sum(f.cancelled() for f in futures) >= 3
