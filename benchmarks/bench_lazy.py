@@ -113,7 +113,7 @@ def main() -> None:
     with (
         tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as directory,
         LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
         ) as cluster,  # fmt: skip
         Client(cluster, set_as_default=False) as client,
     ):

@@ -39,7 +39,7 @@ def _arrays(n: int = N_IDS, seed: int = 0) -> dict[str, np.ndarray]:
 def cluster() -> Iterator[Client]:
     with (
         LocalCluster(
-            n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None
+            n_workers=2, processes=True, threads_per_worker=1, dashboard_address=":0"
         ) as lc,
         Client(lc) as client,
     ):
