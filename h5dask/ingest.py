@@ -6,9 +6,12 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import h5py
+
+from . import format as fmt
 from .engine import check_scheduler, run_loads
 from .errors import H5DaskError, SchemaError
-from .failures import Failure, record_failures
+from .failures import Failure, read_failures, record_failures
 from .feature import Feature
 from .sources import expand_sources
 from .typed_file import TypedFile, _check_schema
@@ -48,12 +51,21 @@ def create(
     with file._handle.open(write=True) as f:
         file._init_schema(f)
     todo = [i for i, pos in zip(ids, file.index.positions(ids), strict=True) if pos < 0]
-    failures = _ingest(file, todo, schema, n_workers, scheduler, on_error, progress)
+    with file._handle.open(write=True) as f:
+        _forget_failures(f, set(todo))
+    _ingest(file, todo, schema, n_workers, scheduler, on_error, progress)
     _after_create(file, schema)
     file.keep_open = keep_open
-    if failures:
-        file._cache["failures"] = failures
     return file
+
+
+def _forget_failures(f: h5py.File, retried: set[str]) -> None:
+    """Drop the recorded failures of the sources tried again (a resumed build)."""
+    failures = read_failures(f)
+    kept = [failure for failure in failures if failure.source not in retried]
+    if len(kept) < len(failures):
+        del f[fmt.ERRORS]
+        record_failures(f, kept)
 
 
 def _scheduler(scheduler: Any, parallelism: str | None) -> Any:
