@@ -525,18 +525,16 @@ def test_resume_after_a_failure_skips_committed_ids(tmp_path, client, name):
     names = [f"{i:02d}.bin" for i in range(12)]
     write_files(tmp_path / "src", {n: bytes([i]) * (i + 1) for i, n in enumerate(names)})
     (tmp_path / "src" / "07.bin").write_bytes(b"bad file")
-    log = tmp_path / "log"
-    log.mkdir()
     path, scheduler = tmp_path / "r.h5", scheduler_of(name, client)
-    schema = {"payload": Payload(str(log))}
     with pytest.raises(LoadError, match="07.bin"):
-        build(path, tmp_path / "src", schema, scheduler=scheduler, n_workers=2)
+        build(path, tmp_path / "src", {"payload": Payload()}, scheduler=scheduler, n_workers=2)
     ids = [str(tmp_path / "src" / n) for n in names]
     assert plain_ids(path) == ids[:7]
     assert h5m.TypedFile(path).payload.get(ids[6]).tobytes() == bytes([6]) * 7
     (tmp_path / "src" / "07.bin").write_bytes(bytes([7]) * 8)
-    for entry in log.iterdir():
-        entry.unlink()
+    log = tmp_path / "log"  # which sources the resumed build loads
+    log.mkdir()
+    schema = {"payload": Payload(str(log))}
     file = build(path, tmp_path / "src", schema, mode="a", scheduler=scheduler, n_workers=2)
     loaded = sorted(entry.name.rsplit("-", 1)[0] for entry in log.iterdir())
     assert loaded == sorted(i.replace("/", "_").replace(":", "_") for i in ids[7:])
@@ -631,3 +629,20 @@ def test_closing_the_window_cancels_what_has_not_started():
         loads.close()
         assert len(futures) == 5
         assert sum(f.cancelled() for f in futures) >= 3
+
+
+def test_resume_after_skipping_forgets_failures_that_now_load(tmp_path):
+    write_files(tmp_path / "src", {"a.bin": b"a", "b.bin": b"bad b", "c.bin": b"bad c"})
+    path = tmp_path / "s.h5"
+    file = build(path, tmp_path / "src", {"payload": Payload()}, scheduler="sync", on_error="skip")
+    assert [e.source for e in file.errors] == [
+        str(tmp_path / "src" / n) for n in ["b.bin", "c.bin"]
+    ]
+    (tmp_path / "src" / "b.bin").write_bytes(b"b")
+    file = build(path, tmp_path / "src", {"payload": Payload()}, mode="a", on_error="skip")
+    assert plain_ids(path) == [str(tmp_path / "src" / n) for n in ["a.bin", "b.bin"]]
+    assert [(e.source, e.feature) for e in file.errors] == [
+        (str(tmp_path / "src" / "c.bin"), "payload")
+    ]
+    with h5py.File(path, "r") as f:
+        assert f["__errors__/source"].shape == (1,)
