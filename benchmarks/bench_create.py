@@ -12,14 +12,14 @@ data) and the writer's peak memory, for:
   a LocalCluster of 2 worker processes (start-up excluded);
 - ``threads``: ``create(..., scheduler="threads", n_workers=2)``.
 
-Peak memory is the growth of this (the writer's) process's resident set size
-over its size before the run, sampled every 2 ms by a psutil thread; worker
-processes are not counted. With ``threads`` the loads run in this process too.
-Each figure is the median of 3 runs (``--small``: 1 run, fewer sources), each
-h5dask run writing a fresh file; ratios are h5dask over the plain loop of the
-same run. A last table builds N and 10N small sources, each in a fresh
-process after a warm-up build of 50 sources, and prints the ratio of the writer's
-peak memory growth (target <= 1.2).
+Every run is a fresh process (modules imported and a 20-source warm-up build
+done before the clock starts; for ``client`` the cluster too). Peak memory is
+the growth of that (the writer's) process's resident set size over its size
+before the run, sampled every 2 ms by a psutil thread; worker processes are
+not counted, and with ``threads`` the loads run in the writer's process too.
+Each figure is the median of 3 runs (``--small``: 1 run, fewer sources);
+ratios are the plain loop's time over h5dask's. A last table builds N and 10N
+small sources and prints the ratio of the peak memory growths (target <= 1.2).
 
 Run: ``.venv/bin/python benchmarks/bench_create.py [--small]``
 """
@@ -279,7 +279,45 @@ def check_same(work: Workload, plain: str, typed: str) -> None:
         assert np.array_equal(a["values"][:], b["x/values"][:]), f"{work.name}: values differ"
 
 
-# -- the table -----------------------------------------------------------------------------------
+# -- one run, in a fresh process ----------------------------------------------------------------
+
+
+def child_workload(folder: str, n: int, n_spin: int) -> Workload:
+    """The first ``n`` sources of ``folder``, with the load of its kind."""
+    paths = sorted(os.path.join(folder, p) for p in os.listdir(folder))[:n]
+    if os.path.basename(folder) == "png":
+        feature: h5m.Feature = PngFeature(n_spin)
+        return Workload("png", paths, 0, feature.load, feature)
+    return Workload(os.path.basename(folder), paths, 0, load_npy, NpyFeature())
+
+
+def run_child(method: str, folder: str, n: int, out: str, n_spin: int) -> None:
+    """Time one build; print ``{"seconds", "peak_mib", "startup"}`` as JSON."""
+    import distributed  # noqa: F401 - imports are not the run's time nor memory
+    import PIL.Image  # noqa: F401
+
+    work = child_workload(folder, n, n_spin)
+    warm = Workload("warm-up", work.paths[:20], 0, work.load, work.feature)
+    if method == "h5py":
+        plain_h5py(warm.paths, out, warm.load)
+        run, startup = timed(lambda: plain_h5py(work.paths, out, work.load)), 0.0
+    elif method == "client":
+        with started_client() as (client, startup):
+            h5dask_create(warm, out, client)
+            run = timed(lambda: h5dask_create(work, out, client))
+    else:
+        h5dask_create(warm, out, "threads")
+        scheduler = None if method == "default" else method
+        run, startup = timed(lambda: h5dask_create(work, out, scheduler)), 0.0
+    print(json.dumps({"seconds": run.seconds, "peak_mib": run.peak_mib, "startup": startup}))
+
+
+def in_child(method: str, folder: str, n: int, out: str, n_spin: int) -> dict[str, float]:
+    argv = [sys.executable, __file__, "--run", method, folder, str(n), out, str(n_spin)]
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{method} on {folder} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @contextmanager
@@ -303,93 +341,72 @@ def started_client() -> Iterator[tuple[object, float]]:
         yield client, time.perf_counter() - start
 
 
-def bench_workload(work: Workload, tmp: str, repeats: int) -> tuple[dict[str, list[Run]], float]:
-    runs: dict[str, list[Run]] = {m: [] for m in METHODS}
+# -- the tables ----------------------------------------------------------------------------------
+
+
+def bench_workload(work: Workload, tmp: str, repeats: int, n_spin: int) -> dict[str, list[dict]]:
+    folder = os.path.dirname(work.paths[0])
+    runs: dict[str, list[dict]] = {m: [] for m in METHODS}
     for r in range(repeats):
-        for method, scheduler in (("h5py", None), ("default", None), ("threads", "threads")):
-            out = os.path.join(tmp, f"{work.name}-{method}-{r}.h5")
-            if method == "h5py":
-                runs[method].append(timed(lambda o=out: plain_h5py(work.paths, o, work.load)))
-            else:
-                runs[method].append(timed(lambda o=out, s=scheduler: h5dask_create(work, o, s)))
-        check_same(
-            work, *(os.path.join(tmp, f"{work.name}-{m}-{r}.h5") for m in ("h5py", "default"))
-        )
-        for method in ("h5py", "default", "threads"):
-            os.remove(os.path.join(tmp, f"{work.name}-{method}-{r}.h5"))
-    with started_client() as (client, startup):
-        for r in range(repeats):
-            out = os.path.join(tmp, f"{work.name}-client-{r}.h5")
-            runs["client"].append(timed(lambda o=out: h5dask_create(work, o, client)))
+        outs = {m: os.path.join(tmp, f"{work.name}-{m}-{r}.h5") for m in METHODS}
+        for method in METHODS:
+            runs[method].append(in_child(method, folder, len(work.paths), outs[method], n_spin))
+        for method in METHODS[1:]:
+            check_same(work, outs["h5py"], outs[method])
+        for out in outs.values():
             os.remove(out)
-    return runs, startup
+    return runs
 
 
-def print_table(work: Workload, runs: dict[str, list[Run]], startup: float) -> None:
+def print_table(work: Workload, runs: dict[str, list[dict]]) -> None:
     n, mb = len(work.paths), work.nbytes / 1e6
-    print(f"\n{work.name}: {n} sources, {mb:.1f} MB of arrays  (cluster start-up {startup:.2f} s)")
+    startup = statistics.median(r["startup"] for r in runs["client"])
     print(
-        f"{'method':<10}{'seconds':>9}{'src/s':>10}{'MB/s':>9}{'peak MiB':>10}{'ratio':>8}  target"
+        f"\n{work.name}: {n} sources, {mb:.1f} MB of arrays (cluster start-up {startup:.2f} s, "
+        f"load average {os.getloadavg()[0]:.1f})"
     )
-    ref = statistics.median(r.seconds for r in runs["h5py"])
+    print(
+        f"{'method':<10}{'seconds':>9}{'src/s':>9}{'MB/s':>8}{'peak MiB':>10}{'ratio':>7}  target"
+    )
+    ref = statistics.median(r["seconds"] for r in runs["h5py"])
     target_default, target_threads = TARGETS[work.name]
     targets = {"default": target_default, "client": target_default, "threads": target_threads}
     for method in METHODS:
-        seconds = statistics.median(r.seconds for r in runs[method])
-        peak = statistics.median(r.peak_mib for r in runs[method])
+        seconds = statistics.median(r["seconds"] for r in runs[method])
+        peak = statistics.median(r["peak_mib"] for r in runs[method])
         target = targets.get(method)
         ratio = ref / seconds
         mark = "" if target is None else (f">= {target}x " + ("ok" if ratio >= target else "MISS"))
         if method == "h5py":
             mark = "reference"
         print(
-            f"{method:<10}{seconds:>9.3f}{n / seconds:>10.0f}{mb / seconds:>9.1f}"
-            f"{peak:>10.1f}{ratio:>7.2f}x  {mark}"
+            f"{method:<10}{seconds:>9.3f}{n / seconds:>9.0f}{mb / seconds:>8.1f}"
+            f"{peak:>10.1f}{ratio:>6.2f}x  {mark}"
         )
-
-
-# -- memory against the number of sources ------------------------------------------------------
-
-
-def peak_child(folder: str, n: int, scheduler: str | None) -> None:
-    """Build a file from the first ``n`` sources of ``folder``; print the peak RSS growth."""
-    paths = sorted(os.path.join(folder, p) for p in os.listdir(folder))[:n]
-    work = Workload("small", paths, 0, load_npy, NpyFeature())
-    out = os.path.join(folder + "-out", f"{n}-{scheduler}.h5")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    warm = Workload("warm-up", paths[:50], 0, load_npy, NpyFeature())
-    h5dask_create(warm, out, scheduler)  # imports and first-use caches are not the writer's
-    run = timed(lambda: h5dask_create(work, out, scheduler))
-    os.remove(out)
-    print(json.dumps({"peak_mib": run.peak_mib, "seconds": run.seconds}))
 
 
 def bench_memory(root: str, n: int) -> None:
     work = make_npy(root, "many", iter(lambda: (16, 16), None), 10 * n)
     folder = os.path.dirname(work.paths[0])
-    print(f"\nwriter's peak RSS growth (MiB), {n} vs {10 * n} sources of (16, 16), fresh processes")
-    print(f"{'scheduler':<10}{n:>10}{10 * n:>10}{'ratio':>8}  target")
-    for scheduler in ("default", "threads"):
-        peaks = [child_peak(folder, count, scheduler) for count in (n, 10 * n)]
+    out = os.path.join(root, "many.h5")
+    print(f"\nwriter's peak RSS growth (MiB), {n} vs {10 * n} sources of (16, 16)")
+    print(f"{'method':<10}{n:>10}{10 * n:>10}{'ratio':>8}  target")
+    for method in ("h5py", "default", "threads"):
+        peaks = [in_child(method, folder, count, out, 0)["peak_mib"] for count in (n, 10 * n)]
         ratio = peaks[1] / peaks[0]
-        verdict = "ok" if ratio <= 1.2 else "MISS"
-        print(f"{scheduler:<10}{peaks[0]:>10.1f}{peaks[1]:>10.1f}{ratio:>7.2f}x  <= 1.2x {verdict}")
-
-
-def child_peak(folder: str, n: int, scheduler: str) -> float:
-    argv = [sys.executable, __file__, "--peak-child", folder, str(n), scheduler]
-    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+        mark = "reference" if method == "h5py" else "<= 1.2x " + ("ok" if ratio <= 1.2 else "MISS")
+        print(f"{method:<10}{peaks[0]:>10.1f}{peaks[1]:>10.1f}{ratio:>7.2f}x  {mark}")
+    os.remove(out)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="fewer sources, one run")
-    parser.add_argument("--peak-child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--run", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.peak_child:
-        folder, n, scheduler = args.peak_child
-        peak_child(folder, int(n), None if scheduler == "default" else scheduler)
+    if args.run:
+        method, folder, n, out, n_spin = args.run
+        run_child(method, folder, int(n), out, int(n_spin))
         return
     repeats = 1 if args.small else 3
     root = tempfile.mkdtemp(prefix="h5dask-bench-create-")
@@ -397,8 +414,7 @@ def main() -> None:
         n_spin = calibrate_spin()
         print(f"{N_WORKERS} workers, {os.cpu_count()} cores; PNG work: {n_spin} iterations ~3 ms")
         for work in make_workloads(root, args.small, n_spin):
-            runs, startup = bench_workload(work, root, repeats)
-            print_table(work, runs, startup)
+            print_table(work, bench_workload(work, root, repeats, n_spin))
             shutil.rmtree(os.path.dirname(work.paths[0]))
         bench_memory(root, 500 if args.small else 5_000)
     finally:
