@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import cloudpickle
 import dask
 import numpy as np
 from tblib import pickling_support
@@ -233,15 +234,31 @@ def _local_pool(kind: str, n_workers: int) -> Iterator[Callable]:
     pool: Executor
     if kind == "threads":
         pool = ThreadPoolExecutor(n_workers)
+        submit = pool.submit
     else:
         import multiprocessing
 
         method = dask.config.get("multiprocessing.context", "spawn")
         pool = ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context(method))
+        submit = _cloudpickling(pool)
     try:
-        yield pool.submit
+        yield submit
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _cloudpickling(pool: Executor) -> Callable:
+    """Submit tasks with cloudpickle, as dask does: features of a notebook or a function work."""
+
+    def submit(fn: Callable, *args: Any) -> Any:
+        return pool.submit(_run_pickled, cloudpickle.dumps((fn, args), protocol=5))
+
+    return submit
+
+
+def _run_pickled(payload: bytes) -> Any:
+    fn, args = cloudpickle.loads(payload)
+    return fn(*args)
 
 
 class _Done:
