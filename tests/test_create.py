@@ -188,6 +188,13 @@ def write_files(root: Path, files: dict[str, bytes]) -> None:
         (root / name).write_bytes(data)
 
 
+SCHEDULERS = ["sync", "threads", "processes", "client"]
+
+
+def scheduler_of(name, client):
+    return client if name == "client" else name
+
+
 def children() -> set[int]:
     return {p.pid for p in psutil.Process().children(recursive=True)}
 
@@ -313,6 +320,27 @@ def test_a_client_runs_loads_on_its_workers(tmp_path, client, cluster):
     assert pids <= workers
 
 
+@pytest.mark.parametrize("name", ["processes", "client"])
+def test_features_defined_in_a_function_run_in_worker_processes(tmp_path, client, name):
+    offset = 10
+
+    class Local(h5m.Feature):  # not importable by workers: sent by value, as dask does
+        def load(self, source):
+            return np.array([int(source) + offset, os.getpid()])
+
+    sources = [str(i) for i in range(8)]
+    file = build(
+        tmp_path / "l.h5",
+        sources,
+        {"x": Local()},
+        scheduler=scheduler_of(name, client),
+        n_workers=2,
+    )
+    values = file.x[:].reshape(-1, 2)
+    assert values[:, 0].tolist() == list(range(10, 18))
+    assert os.getpid() not in values[:, 1]
+
+
 def test_embedded_cluster_shuts_down_after_success_and_after_an_error(tmp_path, cluster):
     before = children()  # the module's cluster workers are running: they stay
     file = build(tmp_path / "e.h5", [str(i) for i in range(30)], {"where": Where()}, n_workers=2)
@@ -394,12 +422,6 @@ def test_http_urls_on_threads_and_on_the_cluster(tmp_path, http_server, client):
 
 
 # -- errors -------------------------------------------------------------------------------
-
-SCHEDULERS = ["sync", "threads", "processes", "client"]
-
-
-def scheduler_of(name, client):
-    return client if name == "client" else name
 
 
 @pytest.mark.parametrize("name", SCHEDULERS)
