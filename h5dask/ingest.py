@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from contextlib import closing
 from typing import Any
 
 import h5py
@@ -112,14 +113,16 @@ def _ingest(
     writer = Writer(file, flush_seconds=None)
     failures: list[Failure] = []
     try:
-        for id, result in run_loads(ids, schema, n_workers, scheduler, progress):
-            if isinstance(result, Exception):
-                _fail(result, id, on_error, failures)
-                continue
-            try:
-                writer.append(id, result)
-            except H5DaskError as exc:
-                _fail(exc, id, on_error, failures)
+        # closing: the scheduler stops now, not when the generator is collected
+        with closing(run_loads(ids, schema, n_workers, scheduler, progress)) as results:
+            for id, result in results:
+                if isinstance(result, Exception):
+                    _fail(result, id, on_error, failures)
+                    continue
+                try:
+                    writer.append(id, result)
+                except H5DaskError as exc:
+                    _fail(exc, id, on_error, failures)
     finally:
         writer.flush()
         if failures:
