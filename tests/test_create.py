@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -355,6 +358,46 @@ def test_embedded_cluster_shuts_down_after_success_and_after_an_error(tmp_path, 
             n_workers=2,
         )
     assert children() <= before, "the embedded cluster left processes behind after an error"
+
+
+INTERRUPTED = """
+import sys, time
+from pathlib import Path
+import h5py, numpy as np, psutil
+import h5dask as h5m
+
+class Sleepy(h5m.Feature):
+    def load(self, source):
+        Path(sys.argv[2]).touch()
+        time.sleep(0.01)
+        return np.array([int(source)])
+
+if __name__ == "__main__":
+    try:
+        h5m.TypedFile.create(sys.argv[1], [str(i) for i in range(3000)], schema={"x": Sleepy()},
+                             n_workers=2, progress=False)
+    except KeyboardInterrupt:
+        left = [p.cmdline() for p in psutil.Process().children(recursive=True)]
+        left = [c for c in left if "resource_tracker" not in " ".join(c)]
+        with h5py.File(sys.argv[1], "r") as f:
+            print("interrupted", left, f["__src__/id"].shape, flush=True)
+"""
+
+
+def test_ctrl_c_stops_the_embedded_cluster(tmp_path):
+    script, started = tmp_path / "build.py", tmp_path / "started"
+    script.write_text(INTERRUPTED)
+    args = [sys.executable, str(script), str(tmp_path / "i.h5"), str(started)]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        out, _ = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert out.strip() == "interrupted [] (0,)"
 
 
 # -- sources: local directories, globs, memory:// and http:// -----------------------------
