@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import os
 import sys
 import time
@@ -375,34 +374,29 @@ def _is_typed_file(obj: Any) -> bool:
 
 
 def _import(name: str) -> Any:
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    _add_to_path(os.getcwd())
     return _guarded(name, lambda: importlib.import_module(name))
 
 
 def _import_file(where: str) -> Any:
+    """Import ``path/to/file.py`` as module ``file``, importable by worker processes too."""
     path = Path(where).resolve()
     if not path.is_file():
         raise CLIError(f"no such file: {where!r}")
-    name = path.stem if path.stem not in sys.modules else f"_h5dask_build_{path.stem}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-
-    def run() -> Any:
-        spec.loader.exec_module(module)
-        return module
-
-    module = _guarded(where, run)
-    _pickle_by_value(module)
+    _add_to_path(str(path.parent))
+    module = _guarded(path.stem, lambda: importlib.import_module(path.stem))
+    if Path(getattr(module, "__file__", "") or "").resolve() != path:
+        raise CLIError(f"{where!r} is shadowed by the module {path.stem!r}: rename the file")
     return module
 
 
-def _pickle_by_value(module: Any) -> None:
-    """Let dask workers that cannot import ``module`` receive its classes by value."""
-    import cloudpickle
-
-    cloudpickle.register_pickle_by_value(module)
+def _add_to_path(folder: str) -> None:
+    """Put ``folder`` first on the import path of this process and of the workers it starts."""
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if folder not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([folder, *filter(None, paths)])
 
 
 def _guarded(name: str, load: Callable[[], Any]) -> Any:
