@@ -17,7 +17,7 @@ import os
 import pickle
 import re
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,13 +33,22 @@ from .errors import H5DaskError
 from .extract import flatten, load_schema
 from .feature import Feature
 
-__all__ = ["run_loads", "load_partition", "Packed", "partition_size", "check_scheduler"]
+__all__ = [
+    "run_loads",
+    "load_partition",
+    "Packed",
+    "Partitions",
+    "partition_size",
+    "check_scheduler",
+]
 
 LOCAL = {"sync": "sync", "synchronous": "sync", "single-threaded": "sync"}
 LOCAL.update(threads="threads", threading="threads", processes="processes")
 LOCAL.update(multiprocessing="processes")
 ADDRESS = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://\S+|[^\s:/]+:\d+)$")
 MAX_PARTITION = 512
+FIRST_PARTITION = 32
+PARTITION_BYTES = 8 << 20
 
 
 @dataclass
@@ -70,6 +79,12 @@ class Packed:
                 if rows[k] >= 0:
                     flat[path] = self.values[path][starts[path][k] : starts[path][k + 1]]
             yield id, flat
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the results."""
+        loose = sum(a.nbytes for arrays in self.loose.values() for a in arrays.values())
+        return loose + sum(a.nbytes for a in self.values.values())
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle errors with their causes and tracebacks, which plain pickling drops."""
@@ -127,6 +142,40 @@ def partition_size(n_ids: int, n_workers: int) -> int:
     return max(1, min(MAX_PARTITION, math.ceil(n_ids / (8 * max(1, n_workers)))))
 
 
+class Partitions:
+    """Ids cut into partitions: the first small, the next holding about :data:`PARTITION_BYTES`.
+
+    A partition has at most ``most`` ids; once :meth:`observe` has seen results,
+    fewer when sources are large, so that the partitions in flight weigh
+    about the same however many sources there are.
+
+    Examples
+    --------
+    >>> parts = Partitions([str(i) for i in range(100)], most=40)
+    >>> [len(p) for p in parts]
+    [32, 32, 32, 4]
+    """
+
+    def __init__(self, ids: list[str], most: int):
+        self.ids, self.most = ids, most
+        self.size = min(most, FIRST_PARTITION)
+        self._ids_seen = self._bytes_seen = 0
+
+    def __iter__(self) -> Iterator[list[str]]:
+        start = 0
+        while start < len(self.ids):
+            stop = start + self.size
+            yield self.ids[start:stop]
+            start = stop
+
+    def observe(self, packed: Packed) -> None:
+        """Size the next partitions from the bytes per source seen so far."""
+        self._ids_seen += len(packed.ids)
+        self._bytes_seen += packed.nbytes
+        per_id = self._bytes_seen / self._ids_seen
+        self.size = max(1, min(self.most, int(PARTITION_BYTES / per_id) if per_id else self.most))
+
+
 def run_loads(
     ids: list[str],
     schema: dict[str, Feature],
@@ -153,17 +202,17 @@ def run_loads(
     if not ids:
         return
     with _submitter(scheduler, n_workers) as (submit, workers, where):
-        size = partition_size(len(ids), workers)
-        parts = [ids[i : i + size] for i in range(0, len(ids), size)]
+        parts = Partitions(ids, partition_size(len(ids), workers))
         bar = tqdm(total=len(ids), disable=not progress, unit="src", desc=f"create ({where})")
         with bar:
             for packed in _in_order(submit, parts, schema, window=2 * workers + 2):
+                parts.observe(packed)
                 yield from packed
                 bar.update(len(packed.ids))
 
 
 def _in_order(
-    submit: Callable, parts: list[list[str]], schema: dict[str, Feature], window: int
+    submit: Callable, parts: Iterable[list[str]], schema: dict[str, Feature], window: int
 ) -> Iterator[Packed]:
     queue: deque = deque()
     todo = iter(parts)
