@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -121,6 +122,16 @@ class Shaped(h5m.Feature):
     def load(self, source):
         _, width, dtype = source.split("-")
         return np.zeros((2, int(width)), dtype=dtype)
+
+
+class Filler(h5m.Feature):
+    """``nbytes`` bytes of float32 a source."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+
+    def load(self, source):
+        return np.ones((1, self.nbytes // 4), dtype=np.float32)
 
 
 class Where(h5m.Feature):
@@ -711,3 +722,39 @@ def test_resume_after_skipping_forgets_failures_that_now_load(tmp_path):
     ]
     with h5py.File(path, "r") as f:
         assert f["__errors__/source"].shape == (1,)
+
+
+def test_partitions_shrink_to_a_byte_budget_once_results_are_seen():
+    ids = [str(i) for i in range(300)]
+    parts = engine.Partitions(ids, most=512)
+    sizes = []
+    for part in parts:
+        sizes.append(len(part))
+        parts.observe(engine.load_partition(part, {"x": Filler(1 << 20)}))
+    assert sizes[0] == engine.FIRST_PARTITION
+    assert set(sizes[1:-1]) == {engine.PARTITION_BYTES >> 20}
+    assert sum(sizes) == len(ids)
+    small = engine.Partitions([str(i) for i in range(2000)], most=512)
+    sizes = []
+    for part in small:
+        sizes.append(len(part))
+        small.observe(engine.load_partition(part, {"x": Filler(64)}))
+    assert sizes[:2] == [engine.FIRST_PARTITION, 512]
+
+
+def test_memory_in_flight_is_bounded_by_the_window_not_the_number_of_sources():
+    schema, workers = {"x": Filler(256 << 10)}, 2
+    window = 2 * workers + 2
+    tracemalloc.start()
+    try:
+        n = sum(
+            1
+            for _ in engine.run_loads(
+                [str(i) for i in range(3000)], schema, workers, "threads", False
+            )
+        )
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert n == 3000  # 750 MiB went through
+    assert peak < (window + 2 * workers) * engine.PARTITION_BYTES
