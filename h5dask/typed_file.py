@@ -342,6 +342,19 @@ class TypedFile:
         """The root group's attributes, decoded."""
         return self._attrs("")
 
+    def serve(self, batch: Any, **loader_kwargs: Any) -> Any:
+        """A torch ``DataLoader`` of batches shaped like ``batch``; see :func:`h5dask.serve.serve`.
+
+        Examples
+        --------
+        >>> loader = exp.serve(dict(x=h5m.Input(key="data/images", getter=h5m.GetId()),
+        ...                         y=h5m.Target(key="data/labels", getter=h5m.GetId())),
+        ...                    batch_size=32, shuffle=True, num_workers=2)  # doctest: +SKIP
+        """
+        from .serve import serve
+
+        return serve(self, batch, **loader_kwargs)
+
     # -- internals used by proxies and the writer -----------------------------------------------
 
     def _add(self, id: str, data: Any) -> None:
