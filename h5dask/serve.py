@@ -84,8 +84,8 @@ class Getter:
         """``[start, stop)`` of one item (the scalar :meth:`spans`)."""
         return i, i + 1
 
-    def finish(self, data: np.ndarray) -> np.ndarray:
-        """Shape the region read for one item."""
+    def finish(self, data: np.ndarray, pad: tuple[int, int] = (0, 0)) -> np.ndarray:
+        """Shape the region read for one item; ``pad`` steps fell off the data's edges."""
         return data[0]
 
 
@@ -110,7 +110,7 @@ class GetId(Getter):
         start, stop = regions[i].tolist()
         return start, stop
 
-    def finish(self, data: np.ndarray) -> np.ndarray:
+    def finish(self, data: np.ndarray, pad: tuple[int, int] = (0, 0)) -> np.ndarray:
         return data
 
 
@@ -157,6 +157,10 @@ class AsSlice(Getter):
         """Offset and width of every window, in steps along :attr:`dim`."""
         return self.shift, self.length
 
+    def margins(self) -> tuple[int, int]:
+        """Steps read before and after every window (they may fall off the data)."""
+        return 0, 0
+
     def n_items(self, shape: tuple[int, ...], regions: np.ndarray | None) -> int:
         if self.dim >= len(shape):
             raise ValueError(f"{type(self).__name__}: dim={self.dim} but the data is {shape}")
@@ -164,16 +168,16 @@ class AsSlice(Getter):
         return max(0, (shape[self.dim] - offset - width) // self.downsampling + 1)
 
     def spans(self, items: np.ndarray, regions: np.ndarray | None) -> tuple[np.ndarray, ...]:
-        offset, width = self.window()
+        (offset, width), (before, after) = self.window(), self.margins()
         starts = items * self.downsampling + offset
-        return starts, starts + width
+        return starts - before, starts + width + after
 
     def span(self, i: int, regions: np.ndarray | None) -> tuple[int, int]:
-        offset, width = self.window()
+        (offset, width), (before, after) = self.window(), self.margins()
         start = i * self.downsampling + offset
-        return start, start + width
+        return start - before, start + width + after
 
-    def finish(self, data: np.ndarray) -> np.ndarray:
+    def finish(self, data: np.ndarray, pad: tuple[int, int] = (0, 0)) -> np.ndarray:
         return data
 
 
@@ -182,9 +186,12 @@ class AsFramedSlice(AsSlice):
     """Item ``i`` is ``length`` frames of ``frame_size`` steps, ``hop_length`` apart.
 
     The frames of item ``i`` start at step ``i * downsampling + shift * hop_length``
-    (with ``center``, their centres do, and the window is padded with
-    ``pad_mode`` as :func:`numpy.pad` does). The frame axis replaces ``dim``
-    and a last axis of ``frame_size`` is added.
+    and the items are every window that fits. With ``center``, the frames'
+    centres are there instead (frame ``k`` spans ``[c - frame_size // 2,
+    c - frame_size // 2 + frame_size)``), items run while the last centre is in
+    the data, and steps before or after the data are padded with ``pad_mode``
+    as :func:`numpy.pad` does, like ``librosa.stft(center=True)``. The frame
+    axis replaces ``dim`` and a last axis of ``frame_size`` is added.
 
     Parameters
     ----------
@@ -197,7 +204,7 @@ class AsFramedSlice(AsSlice):
     frame_size, hop_length : int
         Steps a frame spans, and between consecutive frames.
     center : bool
-        Centre frames on their start step, padding the window's edges.
+        Centre frames on their steps, padding past the data's edges.
     pad_mode : str
         :func:`numpy.pad` mode of ``center``.
     downsampling : int
@@ -223,14 +230,18 @@ class AsFramedSlice(AsSlice):
                 raise ValueError(f"AsFramedSlice: {name} must be >= 1")
 
     def window(self) -> tuple[int, int]:
-        edge = self.frame_size % 2 if self.center else self.frame_size
+        edge = 1 if self.center else self.frame_size
         return self.shift * self.hop_length, (self.length - 1) * self.hop_length + edge
 
-    def finish(self, data: np.ndarray) -> np.ndarray:
-        if self.center:
-            pad = [(0, 0)] * data.ndim
-            pad[self.dim] = (self.frame_size // 2, self.frame_size // 2)
-            data = np.pad(data, pad, mode=self.pad_mode)
+    def margins(self) -> tuple[int, int]:
+        half = self.frame_size // 2
+        return (half, self.frame_size - half - 1) if self.center else (0, 0)
+
+    def finish(self, data: np.ndarray, pad: tuple[int, int] = (0, 0)) -> np.ndarray:
+        if pad != (0, 0):
+            widths = [(0, 0)] * data.ndim
+            widths[self.dim] = pad
+            data = np.pad(data, widths, mode=self.pad_mode)
         frames = np.lib.stride_tricks.sliding_window_view(data, self.frame_size, axis=self.dim)
         step = (slice(None),) * self.dim + (slice(None, None, self.hop_length),)
         return np.ascontiguousarray(frames[step])
@@ -353,6 +364,8 @@ class _Leaf:
         self.regions = self._regions(proxy) if isinstance(item.getter, GetId) else None
         self.length = item.getter.n_items(proxy.shape, self.regions)
         self.pre = (slice(None),) * item.getter.dim
+        self.extent = proxy.shape[item.getter.dim]
+        self.clips = isinstance(item.getter, AsSlice) and item.getter.margins() != (0, 0)
         self.row_bytes = max(1, int(np.prod(_without(proxy.shape, item.getter.dim))))
         self.row_bytes *= proxy.dtype.itemsize
         self.post = tuple(getattr(proxy.feature, "__t__", ()))
@@ -368,13 +381,20 @@ class _Leaf:
     def get(self, reader: _Reader, i: int) -> Any:
         ds = reader.dataset(self.filename, self.path, self.h5_kwargs)
         start, stop = self.getter.span(i, self.regions)
-        data = ds[self.pre + (slice(start, stop),)]
-        return self._finish(data)
+        if not self.clips:
+            return self._finish(ds[self.pre + (slice(start, stop),)])
+        pad = (max(0, -start), max(0, stop - self.extent))
+        return self._finish(ds[self.pre + (slice(start + pad[0], stop - pad[1]),)], pad)
 
     def get_many(self, reader: _Reader, items: np.ndarray) -> list[Any]:
         ds = reader.dataset(self.filename, self.path, self.h5_kwargs)
         starts, stops = self.getter.spans(items, self.regions)
-        return [self._finish(data) for data in self._read_spans(ds, starts, stops)]
+        if not self.clips:
+            return [self._finish(data) for data in self._read_spans(ds, starts, stops)]
+        before, after = np.maximum(0, -starts), np.maximum(0, stops - self.extent)
+        blocks = self._read_spans(ds, starts + before, stops - after)
+        pads = zip(before.tolist(), after.tolist(), strict=True)
+        return [self._finish(data, pad) for data, pad in zip(blocks, pads, strict=True)]
 
     def _read_spans(self, ds: Any, starts: np.ndarray, stops: np.ndarray) -> list[np.ndarray]:
         """Read sorted, coalesced blocks; each item is a copy cut from its block."""
@@ -399,8 +419,8 @@ class _Leaf:
             out[k] = data
         return out
 
-    def _finish(self, data: Any) -> Any:
-        data = reduce(lambda x, t: t(x), self.post, self.getter.finish(data))
+    def _finish(self, data: Any, pad: tuple[int, int] = (0, 0)) -> Any:
+        data = reduce(lambda x, t: t(x), self.post, self.getter.finish(data, pad))
         if self.to_tensor:
             data = _to_tensor(data, self.name)
         return data if self.transform is None else self.transform(data)
