@@ -384,7 +384,7 @@ def _import_file(where: str) -> Any:
     if not path.is_file():
         raise CLIError(f"no such file: {where!r}")
     _add_to_path(str(path.parent))
-    module = _guarded(path.stem, lambda: importlib.import_module(path.stem))
+    module = _guarded(where, lambda: importlib.import_module(path.stem))
     if Path(getattr(module, "__file__", "") or "").resolve() != path:
         raise CLIError(f"{where!r} is shadowed by the module {path.stem!r}: rename the file")
     return module
