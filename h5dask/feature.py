@@ -159,7 +159,8 @@ class Group(Feature):
     def __init__(self, **features: Feature):
         for name, feature in features.items():
             if not isinstance(feature, Feature):
-                raise TypeError(f"Group member {name!r} is a {type(feature).__name__}, not a Feature")
+                kind = type(feature).__name__
+                raise TypeError(f"Group member {name!r} is a {kind}, not a Feature")
             feature.name = name
         self.features: dict[str, Feature] = dict(features)
 

@@ -41,6 +41,12 @@ def open_h5(filename: str, mode: str = "r", **h5_kwargs: Any) -> h5py.File:
         raise FileFormatError(f"cannot open {filename!r} in mode {mode!r}: {exc}") from exc
 
 
+def as_reader(ds: h5py.Dataset) -> Any:
+    """``ds``, or its ``asstr()`` view when it holds UTF-8 strings."""
+    kind = h5py.check_string_dtype(ds.dtype)
+    return ds.asstr() if kind is not None and kind.encoding == "utf-8" else ds
+
+
 class FileHandle:
     """Opens one HDF5 file on demand, in whichever process uses it.
 
@@ -64,6 +70,7 @@ class FileHandle:
         self.h5_kwargs = h5_kwargs
         self._file: h5py.File | None = None
         self._pid = os.getpid()
+        self._readers: dict[str, tuple[h5py.File, Any]] = {}
 
     @property
     def is_open(self) -> bool:
@@ -84,10 +91,23 @@ class FileHandle:
         finally:
             f.close()
 
+    def reader(self, path: str) -> Any:
+        """The kept dataset at ``path`` (strings decoded), reused across calls.
+
+        Reusing one h5py dataset object keeps its chunk cache warm, which makes
+        small repeated reads several times faster. Only with ``keep_open``.
+        """
+        f = self._cached()
+        kept = self._readers.get(path)
+        if kept is None or kept[0] is not f:
+            kept = self._readers[path] = (f, as_reader(f[path]))
+        return kept[1]
+
     def close(self) -> None:
         """Close the kept handle of this process, if any."""
         f = self._live()
         self._file = None
+        self._readers.clear()
         if f is not None:
             f.close()
 
@@ -109,6 +129,7 @@ class FileHandle:
             raise TypeError(f"{self.filename!r} lives in memory only and cannot be pickled")
         state = self.__dict__.copy()
         state["_file"] = None
+        state["_readers"] = {}
         return state
 
     def __repr__(self) -> str:

@@ -17,7 +17,7 @@ from .errors import ReadOnlyError, ResultTypeError, SchemaError
 from .extract import flatten, load_schema, normalize
 from .failures import Failure, read_failures
 from .feature import Feature, Group
-from .handle import FileHandle, open_h5
+from .handle import FileHandle, as_reader, open_h5
 from .index import IdIndex
 from .proxy import DatasetProxy, GroupProxy, Proxy
 from .writer import Spec, Writer
@@ -365,10 +365,12 @@ class TypedFile:
             return
         if not isinstance(result, dict):
             raise ResultTypeError(id, "", "add() on a file takes a dict of features")
-        self._check_writable(f"source {id!r}, feature {', '.join(flatten(result))!r}")
+        if self.mode == "r":
+            self._check_writable(f"source {id!r}, feature {', '.join(flatten(result))!r}")
         writer = self._get_writer()
+        first = not writer.pending
         writer.append(id, result)
-        if writer.pending:
+        if first and writer.pending:
             _WRITING.add(self)
 
     def _get_writer(self) -> Writer:
@@ -417,14 +419,10 @@ class TypedFile:
 
     def _read(self, path: str, item: Any) -> Any:
         self.flush()
+        if self.keep_open:
+            return self._handle.reader(path)[item]
         with self._handle.open() as f:
-            ds = f[path]
-            if (
-                fmt.is_string_dtype(ds.dtype)
-                and h5py.check_string_dtype(ds.dtype).encoding == "utf-8"
-            ):
-                ds = ds.asstr()
-            return ds[item]
+            return as_reader(f[path])[item]
 
     def _check_writable(self, what: str) -> None:
         """Raise :class:`ReadOnlyError` naming ``what`` was to be written, in mode ``"r"``."""

@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import h5py
@@ -33,7 +34,7 @@ FLUSH_BYTES = 16 << 20
 FLUSH_SECONDS = 1.0
 
 
-@dataclass(frozen=True)
+@dataclass
 class Spec:
     """What a feature's dataset accepts: its dtype and trailing shape."""
 
@@ -41,7 +42,7 @@ class Spec:
     trailing: tuple[int, ...]
     explicit: bool = False
 
-    @property
+    @cached_property
     def is_string(self) -> bool:
         return fmt.is_string_dtype(self.dtype)
 
@@ -143,7 +144,8 @@ class Writer:
     def _check(self, id: str, path: str, array: np.ndarray) -> np.ndarray:
         spec = self._specs.get(path) or self._spec_in_file(id, path)
         if spec is None:
-            spec = self._specs[path] = self._new_spec(path, array)
+            spec = self._new_spec(path, array)
+        self._specs[path] = spec
         return spec.check(array, id, path)
 
     def _spec_in_file(self, id: str, path: str) -> Spec | None:
