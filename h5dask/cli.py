@@ -243,7 +243,7 @@ def summarize(data: Any) -> list[str]:
     Examples
     --------
     >>> summarize(np.array([1.0, 3.0]))
-    ['shape  (2,)', 'dtype  float64', 'min    1.0', 'max    3.0', 'mean   2.0', '[1. 3.]']
+    ['shape  (2,)', 'dtype  float64', 'min    1', 'max    3', 'mean   2', '[1. 3.]']
     """
     if data is None:
         return ["None (no data for this id)"]
