@@ -81,6 +81,11 @@ class Packed:
             yield id, flat
 
     @property
+    def dense(self) -> bool:
+        """Whether every result is packed: no load failed, no feature is left loose."""
+        return not self.errors and not self.loose
+
+    @property
     def nbytes(self) -> int:
         """Bytes of the results."""
         loose = sum(a.nbytes for arrays in self.loose.values() for a in arrays.values())
@@ -182,8 +187,8 @@ def run_loads(
     n_workers: int | None = None,
     scheduler: Any = None,
     progress: bool = True,
-) -> Iterator[tuple[str, Any]]:
-    """Yield ``(id, flat result or H5DaskError)`` for every id, in order.
+) -> Iterator[Packed]:
+    """Yield the :class:`Packed` results of consecutive partitions of ``ids``, in order.
 
     Parameters
     ----------
@@ -207,7 +212,7 @@ def run_loads(
         with bar:
             for packed in _in_order(submit, parts, schema, window=2 * workers + 2):
                 parts.observe(packed)
-                yield from packed
+                yield packed
                 bar.update(len(packed.ids))
 
 

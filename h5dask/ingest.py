@@ -10,7 +10,7 @@ from typing import Any
 import h5py
 
 from . import format as fmt
-from .engine import check_scheduler, run_loads
+from .engine import Packed, check_scheduler, run_loads
 from .errors import H5DaskError, SchemaError
 from .failures import Failure, read_failures, record_failures
 from .feature import Feature
@@ -54,7 +54,7 @@ def create(
     todo = [i for i, pos in zip(ids, file.index.positions(ids), strict=True) if pos < 0]
     with file._handle.open(write=True) as f:
         _forget_failures(f, set(todo))
-    _ingest(file, todo, schema, n_workers, scheduler, on_error, progress)
+    _ingest(file, todo, schema, n_workers, scheduler, on_error, progress, new_ids=True)
     _after_create(file, schema)
     file.keep_open = keep_open
     return file
@@ -109,26 +109,42 @@ def _ingest(
     scheduler: Any,
     on_error: str,
     progress: bool,
-) -> list[Failure]:
-    writer = Writer(file, flush_seconds=None)
+    new_ids: bool = False,
+) -> None:
+    """Load ``ids`` with ``schema`` and write the results to ``file`` in id order.
+
+    ``new_ids`` promises that no id is in the file yet (see :class:`Writer`).
+    """
+    writer = Writer(file, flush_seconds=None, new_ids=new_ids)
     failures: list[Failure] = []
     try:
         # closing: the scheduler stops now, not when the generator is collected
-        with closing(run_loads(ids, schema, n_workers, scheduler, progress)) as results:
-            for id, result in results:
-                if isinstance(result, Exception):
-                    _fail(result, id, on_error, failures)
-                    continue
-                try:
-                    writer.append(id, result)
-                except H5DaskError as exc:
-                    _fail(exc, id, on_error, failures)
+        with closing(run_loads(ids, schema, n_workers, scheduler, progress)) as batches:
+            for packed in batches:
+                _write_packed(writer, packed, on_error, failures)
     finally:
         writer.flush()
         if failures:
             with file._handle.open(write=True) as f:
                 record_failures(f, failures)
-    return failures
+
+
+def _write_packed(writer: Writer, packed: Packed, on_error: str, failures: list[Failure]) -> None:
+    """Buffer a partition's results whole, or id by id where some failed."""
+    if packed.dense:
+        try:
+            writer.append_block(packed.ids, packed.values, packed.rows)
+            return
+        except H5DaskError:
+            pass  # find, in id order, which ids fail and why
+    for id, result in packed:
+        if isinstance(result, Exception):
+            _fail(result, id, on_error, failures)
+            continue
+        try:
+            writer.append(id, result)
+        except H5DaskError as exc:
+            _fail(exc, id, on_error, failures)
 
 
 def _fail(error: Exception, id: str, on_error: str, failures: list[Failure]) -> None:

@@ -74,8 +74,25 @@ class Spec:
         return array.astype(self.dtype)
 
 
+@dataclass
+class Block:
+    """Buffered results of consecutive ids: per feature, one array and each id's row count.
+
+    ``rows[path][k]`` is the number of rows of ``ids[k]`` in ``values[path]``,
+    ``-1`` where that id has no data for the feature.
+    """
+
+    ids: list[str]
+    values: dict[str, np.ndarray]
+    rows: dict[str, np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.values.values())
+
+
 class Writer:
-    """Buffers results by id and appends them to a typed file in batches.
+    """Buffers results and appends them to a typed file in batches.
 
     Parameters
     ----------
@@ -86,6 +103,10 @@ class Writer:
     flush_seconds : float or None
         Flush on an ``append`` when the oldest buffered result is this old,
         so that results added interactively reach the disk soon.
+    new_ids : bool
+        Promise that no appended id is in the file or appended twice (as in
+        ``create``, which skips committed ids): the writer then never reads
+        the id table, so its memory does not grow with the file.
     """
 
     def __init__(
@@ -93,11 +114,13 @@ class Writer:
         file: TypedFile,
         flush_bytes: int = FLUSH_BYTES,
         flush_seconds: float | None = FLUSH_SECONDS,
+        new_ids: bool = False,
     ):
         self.file = file
         self.flush_bytes = flush_bytes
         self.flush_seconds = flush_seconds
-        self._pending: dict[str, dict[str, np.ndarray]] = {}
+        self.new_ids = new_ids
+        self._blocks: list[Block] = []
         self._specs: dict[str, Spec] = {}
         self._bytes = 0
         self._since = 0.0
@@ -107,7 +130,7 @@ class Writer:
     @property
     def pending(self) -> int:
         """Number of ids buffered and not yet committed."""
-        return len(self._pending)
+        return sum(len(block.ids) for block in self._blocks)
 
     def append(self, id: str, result: Mapping[str, Any]) -> None:
         """Buffer a normalised result (a nested dict of arrays) for ``id``.
@@ -118,12 +141,38 @@ class Writer:
             An array does not fit its dataset; nothing of ``result`` is buffered.
         """
         checked = {path: self._check(id, path, a) for path, a in flatten(result).items()}
+        if checked:
+            rows = {path: np.array([len(a)]) for path, a in checked.items()}
+            self._buffer(Block([id], checked, rows))
+
+    def append_block(
+        self, ids: list[str], values: Mapping[str, np.ndarray], rows: Mapping[str, np.ndarray]
+    ) -> None:
+        """Buffer the packed results of consecutive ids (see :class:`Block`), checked at once.
+
+        Raises
+        ------
+        ConcatError
+            A feature's rows do not fit its dataset; it names the first id of
+            the block holding that feature, and nothing of the block is buffered.
+        """
+        checked = {}
+        for path, array in values.items():
+            first = ids[int(np.argmax(rows[path] >= 0))]
+            checked[path] = self._check(first, path, array)
         if not checked:
             return
-        if not self._pending:
+        has_data = np.logical_or.reduce([r >= 0 for r in rows.values()])
+        if not has_data.all():  # a source that produced nothing gets no id
+            ids = [id for id, keep in zip(ids, has_data.tolist(), strict=True) if keep]
+            rows = {path: r[has_data] for path, r in rows.items()}
+        self._buffer(Block(list(ids), checked, dict(rows)))
+
+    def _buffer(self, block: Block) -> None:
+        if not self._blocks:
             self._since = time.monotonic()
-        self._pending.setdefault(id, {}).update(checked)
-        self._bytes += sum(a.nbytes for a in checked.values())
+        self._blocks.append(block)
+        self._bytes += block.nbytes
         if self._bytes >= self.flush_bytes or (
             self.flush_seconds is not None and time.monotonic() - self._since >= self.flush_seconds
         ):
@@ -131,12 +180,12 @@ class Writer:
 
     def flush(self) -> None:
         """Write and commit every buffered result."""
-        if not self._pending:
+        if not self._blocks:
             return
-        pending, self._pending, self._bytes = self._pending, {}, 0
+        blocks, self._blocks, self._bytes = self._blocks, [], 0
         try:
             with self.file._handle.open(write=True) as f:
-                self._write(f, pending)
+                self._write(f, blocks)
         finally:
             self._specs.clear()
             self.file._invalidate()
@@ -170,25 +219,39 @@ class Writer:
             return Spec(fmt.storage_dtype(array), array.shape[1:])
         return Spec(np.dtype(dtype), array.shape[1:], explicit=True)
 
-    def _write(self, f: h5py.File, pending: dict[str, dict[str, np.ndarray]]) -> None:
+    def _positions(self, ids: list[str], n: int) -> tuple[np.ndarray, list[str]]:
+        """Each id's position on the ids axis, and the new ids in order."""
+        if self.new_ids:
+            return np.arange(n, n + len(ids)), ids
+        positions = self.file._committed_index().positions(ids)
+        new: dict[str, int] = {}
+        for k in np.flatnonzero(positions < 0).tolist():
+            positions[k] = new.setdefault(ids[k], n + len(new))
+        return positions, list(new)
+
+    def _write(self, f: h5py.File, blocks: list[Block]) -> None:
         if fmt.IDS not in f:
             fmt.init_root(f)
+        features = [p for p, node in fmt.read_layout(f).items() if node.kind == "feature"]
         if not self._trimmed:
-            fmt.trim_uncommitted(f, self.file._feature_paths())
+            fmt.trim_uncommitted(f, features)
             self._trimmed = True
         n = fmt.n_ids(f)
-        index = self.file._committed_index()
-        new_ids = [id for id in pending if id not in index]
-        new_pos = {id: n + k for k, id in enumerate(new_ids)}
+        positions, new_ids = self._positions([id for b in blocks for id in b.ids], n)
         total = n + len(new_ids)
-        by_feature: dict[str, list[tuple[int, np.ndarray]]] = {}
-        for id, flat in pending.items():
-            pos = new_pos[id] if id in new_pos else index[id]
-            for path, array in flat.items():
-                by_feature.setdefault(path, []).append((pos, array))
-        for path, items in by_feature.items():
-            self._write_feature(f, path, items, total)
-        for path in self.file._feature_paths():
+        by_path: dict[str, tuple[list, list, list]] = {}
+        start = 0
+        for block in blocks:
+            where = positions[start : start + len(block.ids)]
+            start += len(block.ids)
+            for path, values in block.values.items():
+                parts = by_path.setdefault(path, ([], [], []))
+                parts[0].append(values)
+                parts[1].append(block.rows[path])
+                parts[2].append(where)
+        for path, (values, rows, where) in by_path.items():
+            self._write_feature(f, path, values, np.concatenate(rows), np.concatenate(where), total)
+        for path in features:
             refs = f[path][fmt.REFS]
             if refs.shape[0] < total:
                 refs.resize(total, axis=0)
@@ -196,9 +259,14 @@ class Writer:
         f.flush()
 
     def _write_feature(
-        self, f: h5py.File, path: str, items: list[tuple[int, np.ndarray]], total: int
+        self,
+        f: h5py.File,
+        path: str,
+        arrays: list[np.ndarray],
+        rows: np.ndarray,
+        positions: np.ndarray,
+        total: int,
     ) -> None:
-        arrays = [a for _, a in items]
         values = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
         if path not in f or fmt.VALUES not in f[path]:
             self.file._init_feature_group(f, path)
@@ -207,11 +275,12 @@ class Writer:
         if fmt.is_string_dtype(group[fmt.VALUES].dtype):
             values = np.array([_to_str(v) for v in values.flat], dtype=object).reshape(values.shape)
         start, _ = fmt.append_rows(group[fmt.VALUES], values)
-        stops = start + np.cumsum([a.shape[0] for a in arrays])
-        rows = np.stack([stops - [a.shape[0] for a in arrays], stops], axis=1)
+        present = rows >= 0
+        stops = start + np.cumsum(rows[present])
+        table = np.stack([stops - rows[present], stops], axis=1)
         if group[fmt.REFS].shape[0] < total:
             group[fmt.REFS].resize(total, axis=0)
-        fmt.write_ref_rows(group[fmt.REFS], np.array([p for p, _ in items]), rows)
+        fmt.write_ref_rows(group[fmt.REFS], positions[present], table)
 
 
 def _to_str(value: Any) -> Any:

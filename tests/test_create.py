@@ -747,8 +747,8 @@ def test_memory_in_flight_is_bounded_by_the_window_not_the_number_of_sources():
     tracemalloc.start()
     try:
         n = sum(
-            1
-            for _ in engine.run_loads(
+            len(packed.ids)
+            for packed in engine.run_loads(
                 [str(i) for i in range(3000)], schema, workers, "threads", False
             )
         )
