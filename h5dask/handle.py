@@ -85,7 +85,8 @@ class FileHandle:
         if self.keep_open:
             yield self._cached()
             return
-        f = open_h5(self.filename, self.mode, **self.h5_kwargs)
+        # reads take a shared lock only, so that many processes read at once
+        f = open_h5(self.filename, self.mode if write else "r", **self.h5_kwargs)
         try:
             yield f
         finally:

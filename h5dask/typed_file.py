@@ -405,12 +405,12 @@ class TypedFile:
         self.flush()
         key = "refs:" + path
         if key not in self._cache:
-            n = len(self._committed_index())
             node = self._layout().get(path)
-            if node is None or node.kind != "feature":
-                self._cache[key] = np.full((n, 2), -1, dtype=np.int64)
-            else:
-                with self._handle.open() as f:
+            with self._handle.open() as f:
+                n = fmt.n_ids(f)
+                if node is None or node.kind != "feature":
+                    self._cache[key] = np.full((n, 2), -1, dtype=np.int64)
+                else:
                     self._cache[key] = fmt.read_refs(f[path], n)
         return self._cache[key]
 
