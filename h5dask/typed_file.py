@@ -360,7 +360,8 @@ class TypedFile:
     def _add(self, id: str, data: Any) -> None:
         if not isinstance(id, str):
             raise TypeError(f"ids are str, not {type(id).__name__}")
-        result = normalize(data, id, "")
+        flat = _flat_arrays(data)
+        result = flat if flat is not None else normalize(data, id, "")
         if result is None:
             return
         if not isinstance(result, dict):
@@ -369,7 +370,7 @@ class TypedFile:
             self._check_writable(f"source {id!r}, feature {', '.join(flatten(result))!r}")
         writer = self._get_writer()
         first = not writer.pending
-        writer.append(id, result)
+        writer.append(id, result, flat=flat is not None)
         if first and writer.pending:
             _WRITING.add(self)
 
@@ -537,6 +538,23 @@ class TypedFile:
         self.flush()
         with self._handle.open() as f:
             return read_failures(f)
+
+
+def _flat_arrays(data: Any) -> dict[str, np.ndarray] | None:
+    """``data`` itself when it is already a flat dict of storable arrays (the fast path of add)."""
+    if type(data) is not dict:
+        return None
+    for key, value in data.items():
+        if (
+            type(value) is not np.ndarray
+            or not value.ndim
+            or value.dtype.kind in "OV"
+            or type(key) is not str
+            or not key
+            or "/" in key
+        ):
+            return None
+    return data
 
 
 def _check_schema(schema: Mapping[str, Any]) -> dict[str, Feature]:

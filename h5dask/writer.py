@@ -16,6 +16,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 import h5py
@@ -120,7 +121,8 @@ class Writer:
         self.flush_bytes = flush_bytes
         self.flush_seconds = flush_seconds
         self.new_ids = new_ids
-        self._blocks: list[Block] = []
+        self._pending: list[Block | tuple[str, dict[str, np.ndarray]]] = []
+        self._n_pending = 0
         self._specs: dict[str, Spec] = {}
         self._bytes = 0
         self._since = 0.0
@@ -130,20 +132,23 @@ class Writer:
     @property
     def pending(self) -> int:
         """Number of ids buffered and not yet committed."""
-        return sum(len(block.ids) for block in self._blocks)
+        return self._n_pending
 
-    def append(self, id: str, result: Mapping[str, Any]) -> None:
+    def append(self, id: str, result: Mapping[str, Any], flat: bool = False) -> None:
         """Buffer a normalised result (a nested dict of arrays) for ``id``.
+
+        ``flat`` says that ``result`` maps paths to arrays already.
 
         Raises
         ------
         ConcatError
             An array does not fit its dataset; nothing of ``result`` is buffered.
         """
-        checked = {path: self._check(id, path, a) for path, a in flatten(result).items()}
+        if not flat:
+            result = flatten(result)
+        checked = {path: self._check(id, path, a) for path, a in result.items()}
         if checked:
-            rows = {path: np.array([len(a)]) for path, a in checked.items()}
-            self._buffer(Block([id], checked, rows))
+            self._buffer((id, checked), 1, sum(a.nbytes for a in checked.values()))
 
     def append_block(
         self, ids: list[str], values: Mapping[str, np.ndarray], rows: Mapping[str, np.ndarray]
@@ -166,13 +171,15 @@ class Writer:
         if not has_data.all():  # a source that produced nothing gets no id
             ids = [id for id, keep in zip(ids, has_data.tolist(), strict=True) if keep]
             rows = {path: r[has_data] for path, r in rows.items()}
-        self._buffer(Block(list(ids), checked, dict(rows)))
+        block = Block(list(ids), checked, dict(rows))
+        self._buffer(block, len(block.ids), block.nbytes)
 
-    def _buffer(self, block: Block) -> None:
-        if not self._blocks:
+    def _buffer(self, entry: Block | tuple[str, dict], n_ids: int, nbytes: int) -> None:
+        if not self._pending:
             self._since = time.monotonic()
-        self._blocks.append(block)
-        self._bytes += block.nbytes
+        self._pending.append(entry)
+        self._n_pending += n_ids
+        self._bytes += nbytes
         if self._bytes >= self.flush_bytes or (
             self.flush_seconds is not None and time.monotonic() - self._since >= self.flush_seconds
         ):
@@ -180,9 +187,10 @@ class Writer:
 
     def flush(self) -> None:
         """Write and commit every buffered result."""
-        if not self._blocks:
+        if not self._pending:
             return
-        blocks, self._blocks, self._bytes = self._blocks, [], 0
+        blocks = _as_blocks(self._pending)
+        self._pending, self._n_pending, self._bytes = [], 0, 0
         try:
             with self.file._handle.open(write=True) as f:
                 self._write(f, blocks)
@@ -221,7 +229,7 @@ class Writer:
 
     def _positions(self, ids: list[str], n: int) -> tuple[np.ndarray, list[str]]:
         """Each id's position on the ids axis, and the new ids in order."""
-        if self.new_ids:
+        if self.new_ids or (n == 0 and len(set(ids)) == len(ids)):
             return np.arange(n, n + len(ids)), ids
         positions = self.file._committed_index().positions(ids)
         new: dict[str, int] = {}
@@ -281,6 +289,36 @@ class Writer:
         if group[fmt.REFS].shape[0] < total:
             group[fmt.REFS].resize(total, axis=0)
         fmt.write_ref_rows(group[fmt.REFS], positions[present], table)
+
+
+def _as_blocks(pending: list[Block | tuple[str, dict[str, np.ndarray]]]) -> list[Block]:
+    """Turn each run of single results into one block, keeping the order."""
+    blocks: list[Block] = []
+    run: list[tuple[str, dict[str, np.ndarray]]] = []
+    for entry in [*pending, None]:
+        if isinstance(entry, tuple):
+            run.append(entry)
+            continue
+        if run:
+            blocks.append(_block_of(run))
+            run = []
+        if entry is not None:
+            blocks.append(entry)
+    return blocks
+
+
+def _block_of(run: list[tuple[str, dict[str, np.ndarray]]]) -> Block:
+    flats = [flat for _, flat in run]
+    values, rows = {}, {}
+    for path in dict.fromkeys(chain.from_iterable(flats)):
+        arrays = [flat.get(path) for flat in flats]
+        present = [a for a in arrays if a is not None]
+        if len(present) == len(arrays):
+            rows[path] = np.fromiter(map(len, arrays), np.int64, len(arrays))
+        else:
+            rows[path] = np.array([-1 if a is None else len(a) for a in arrays], dtype=np.int64)
+        values[path] = np.concatenate(present)
+    return Block([id for id, _ in run], values, rows)
 
 
 def _to_str(value: Any) -> Any:
