@@ -14,6 +14,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from .errors import FileFormatError
+
 FORMAT = "h5dask"
 FORMAT_VERSION = 1
 IDS = "__src__/id"
@@ -40,11 +42,30 @@ def init_root(f: h5py.File) -> None:
 
 def is_feature_group(obj: Any) -> bool:
     """Whether ``obj`` is a feature group: a group holding ``values`` and ``refs``."""
-    return (
-        isinstance(obj, h5py.Group)
-        and obj.get(VALUES, getclass=True) is h5py.Dataset
-        and obj.get(REFS, getclass=True) is h5py.Dataset
+    return isinstance(obj, h5py.Group) and all(
+        _hard_class(obj, n) is h5py.Dataset for n in (VALUES, REFS)
     )
+
+
+def hard_get(f: h5py.File, path: str) -> h5py.HLObject | None:
+    """The object at ``path`` reached through hard links only, else None (never opens a file)."""
+    obj: Any = f
+    for part in filter(None, path.split("/")):
+        if not isinstance(obj, h5py.Group) or _hard_class(obj, part) is None:
+            return None
+        obj = obj[part]
+    return obj
+
+
+def _hard_class(group: h5py.Group, name: str) -> type | None:
+    """The class of ``group[name]`` when it is a hard link; None for soft and external links.
+
+    Soft links can lead into external links and external links open other files,
+    so h5dask follows neither.
+    """
+    if not isinstance(group.get(name, getlink=True), h5py.HardLink):
+        return None
+    return group.get(name, getclass=True)
 
 
 def n_ids(f: h5py.File) -> int:
@@ -59,21 +80,110 @@ def read_ids(f: h5py.File) -> np.ndarray:
     return f[IDS][:].astype("S")
 
 
+def check_root(f: h5py.File) -> None:
+    """Refuse a file that h5dask cannot read safely: a future version or a bad id table.
+
+    Raises
+    ------
+    FileFormatError
+        Naming the file and the problem.
+    """
+    where = f"{f.filename!r}"
+    version = f.attrs.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, (int, np.integer)) or isinstance(version, (bool, np.bool_)):
+        raise FileFormatError(f"{where}: format_version is {version!r}, not an integer")
+    if version > FORMAT_VERSION:
+        raise FileFormatError(
+            f"{where}: format_version {int(version)} is newer than this h5dask reads "
+            f"({FORMAT_VERSION}); upgrade h5dask"
+        )
+    src = f.get("__src__", getlink=True)
+    link = f["__src__"].get("id", getlink=True) if isinstance(src, h5py.HardLink) else src
+    if link is None:
+        if _attr_str(f, "format") == FORMAT:
+            raise FileFormatError(f"{where}: an h5dask file with no id table /{IDS}")
+        return
+    if not isinstance(link, h5py.HardLink) or f.get(IDS, getclass=True) is not h5py.Dataset:
+        raise FileFormatError(f"{where}: /{IDS} is not a dataset")
+    ds = f[IDS]
+    if ds.ndim != 1 or (ds.dtype.kind != "S" and not is_string_dtype(ds.dtype)):
+        raise FileFormatError(
+            f"{where}: /{IDS} has shape {ds.shape} and dtype {ds.dtype}, not 1-D strings"
+        )
+
+
+def _attr_str(obj: h5py.HLObject, name: str) -> str | None:
+    value = obj.attrs.get(name)
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else None
+
+
 def append_ids(f: h5py.File, ids: list[str]) -> None:
     """Append ``ids`` to the id table: the commit point of a batch."""
     append_rows(f[IDS], np.array(ids, dtype=object))
 
 
 def read_refs(group: h5py.Group, n: int) -> np.ndarray:
-    """The ``(n, 2)`` ref table of a feature group, padded with ``-1`` rows to ``n``."""
-    refs = group[REFS]
+    """The first ``n`` rows of a feature group's ref table, checked (see :func:`check_refs`).
+
+    Raises
+    ------
+    FileFormatError
+        The table is not ``(>= n, 2)`` integers, or a row points outside ``values``.
+    """
+    refs, where = group[REFS], _where(group)
     if refs.ndim != 2 or refs.shape[1] != 2 or refs.dtype.kind not in "iu":
-        raise ValueError(f"{refs.name} has shape {refs.shape} and dtype {refs.dtype}")
-    table = np.full((n, 2), -1, dtype=np.int64)
-    rows = min(n, refs.shape[0])
-    if rows:
-        table[:rows] = refs[:rows]
+        raise FileFormatError(
+            f"{where}: refs has shape {refs.shape} and dtype {refs.dtype}, not (n_ids, 2) integers"
+        )
+    if refs.shape[0] < n:
+        raise FileFormatError(f"{where}: refs has {refs.shape[0]} rows for {n} ids")
+    values = group[VALUES]
+    if values.ndim == 0:
+        raise FileFormatError(f"{where}: values is a scalar, not a concatenation of arrays")
+    table = refs[:n].astype(np.int64) if n else np.empty((0, 2), dtype=np.int64)
+    check_refs(table, values.shape[0], where)
     return table
+
+
+def check_refs(table: np.ndarray, n_rows: int, where: str) -> None:
+    """Check a ref table against a ``values`` dataset of ``n_rows`` rows, in vectorised passes.
+
+    Each row is ``(-1, -1)`` (absent) or ``0 <= start <= stop <= n_rows``, and the
+    non-empty regions do not overlap, so that no read goes outside ``values`` and
+    writing one id's region in place never changes another's.
+
+    Raises
+    ------
+    FileFormatError
+        Naming ``where``, the first bad row and its values.
+    """
+    start, stop = table[:, 0], table[:, 1]
+    absent = (start == -1) & (stop == -1)
+    bad = ~absent & ((start < 0) | (start > stop) | (stop > n_rows))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise FileFormatError(
+            f"{where}: ref row {i} is [{start[i]}, {stop[i]}), not (-1, -1) nor a region "
+            f"0 <= start <= stop <= {n_rows} of values"
+        )
+    live = np.flatnonzero(start < stop)
+    starts, stops = start[live], stop[live]
+    if np.all(starts[1:] >= stops[:-1]):  # regions in file order: the common case, no sort
+        return
+    order = np.argsort(starts, kind="stable")
+    clash = starts[order[1:]] < stops[order[:-1]]
+    if clash.any():
+        k = int(np.argmax(clash))
+        i, j = sorted((int(live[order[k]]), int(live[order[k + 1]])))
+        raise FileFormatError(
+            f"{where}: ref rows {i} [{start[i]}, {stop[i]}) and {j} [{start[j]}, {stop[j]}) overlap"
+        )
+
+
+def _where(group: h5py.Group) -> str:
+    return f"{group.file.filename!r}, feature {group.name.strip('/')!r}"
 
 
 def storage_dtype(array: np.ndarray) -> np.dtype:
@@ -191,15 +301,44 @@ def write_attrs(obj: h5py.HLObject, attrs: dict[str, Any]) -> None:
 
 
 def read_attrs(obj: h5py.HLObject) -> dict[str, Any]:
-    """Read attributes back as Python values, decoding those stored as JSON."""
-    encoded = set(_as_python(obj.attrs.get(JSON_ATTRS, [])))
+    """Read attributes back as Python values, decoding those stored as JSON.
+
+    Raises
+    ------
+    FileFormatError
+        ``__json__`` is not a list of names, or a value it names is not JSON
+        (or nests too deeply to decode).
+    """
+    encoded = _as_python(obj.attrs.get(JSON_ATTRS, []))
+    where = f"{obj.file.filename!r}, attribute {JSON_ATTRS!r} of {obj.name!r}"
+    if not isinstance(encoded, list) or not all(isinstance(k, str) for k in encoded):
+        raise FileFormatError(f"{where} is {_short(encoded)}, not a list of attribute names")
     out = {}
     for key, value in obj.attrs.items():
         if key == JSON_ATTRS:
             continue
         value = _as_python(value)
-        out[key] = json.loads(value) if key in encoded else value
+        out[key] = (
+            _json(value, f"{obj.file.filename!r}, attribute {key!r} of {obj.name!r}")
+            if key in encoded
+            else value
+        )
     return out
+
+
+def _json(text: Any, where: str) -> Any:
+    """``json.loads(text)``, a :class:`FileFormatError` naming ``where`` if it is not JSON."""
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise FileFormatError(
+            f"{where} is listed in {JSON_ATTRS!r} but is not JSON: {exc}"
+        ) from None
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _native_attr(value: Any) -> Any:
@@ -222,8 +361,11 @@ def _scalar_kind(value: Any) -> str:
 
 
 def _as_python(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode("utf-8")
+    if isinstance(value, bytes):  # binary that is not UTF-8 stays bytes
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value
     if isinstance(value, np.ndarray):
         return [_as_python(v) for v in value.tolist()]
     if isinstance(value, np.generic):
@@ -244,22 +386,28 @@ class Node:
 
 
 def read_layout(f: h5py.File) -> dict[str, Node]:
-    """Map every group, feature and plain dataset of ``f`` (ids and errors aside) to a Node."""
+    """Map every group, feature and plain dataset of ``f`` (ids and errors aside) to a Node.
+
+    Only hard links are followed, each group once: soft and external links are
+    left out, so reading never opens another file.
+    """
     layout: dict[str, Node] = {}
+    seen: set[Any] = set()
 
     def visit(group: h5py.Group, prefix: str) -> None:
+        seen.add(h5py.h5o.get_info(group.id).addr)
         for name in group:
             if not prefix and name in RESERVED:
                 continue
             path = prefix + name
-            cls = group.get(name, getclass=True)
+            cls = _hard_class(group, name)
             if cls is h5py.Dataset:
                 layout[path] = _dataset_node("dataset", group[name])
             elif cls is h5py.Group:
                 child = group[name]
                 if is_feature_group(child):
                     layout[path] = _dataset_node("feature", child[VALUES])
-                else:
+                elif h5py.h5o.get_info(child.id).addr not in seen:  # hard links can loop
                     layout[path] = Node("group")
                     visit(child, path + "/")
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from . import format as fmt
 from .display import html_table, text_table
-from .errors import ReadOnlyError, ResultTypeError, SchemaError
+from .errors import FileFormatError, ReadOnlyError, ResultTypeError, SchemaError
 from .extract import flatten, load_schema, normalize
 from .failures import Failure, read_failures
 from .feature import Feature, Group
@@ -92,6 +92,11 @@ class TypedFile:
             self._layout()  # fail now on a missing or non-HDF5 file
             return
         f = open_h5(self.filename, mode, **h5_kwargs)
+        try:
+            fmt.check_root(f)  # never relabel a file of a newer version
+        except FileFormatError:
+            f.close()
+            raise
         fmt.init_root(f)
         self._init_schema(f)
         if keep_open:
@@ -393,13 +398,16 @@ class TypedFile:
     def _committed_layout(self) -> dict[str, fmt.Node]:
         if "layout" not in self._cache:
             with self._handle.open() as f:
+                fmt.check_root(f)
                 self._cache["layout"] = fmt.read_layout(f)
         return self._cache["layout"]
 
     def _committed_index(self) -> IdIndex:
         if "index" not in self._cache:
             with self._handle.open() as f:
-                self._cache["index"] = IdIndex(fmt.read_ids(f))
+                index = IdIndex(fmt.read_ids(f))
+            _check_unique(index, self.filename)
+            self._cache["index"] = index
         return self._cache["index"]
 
     def _refs(self, path: str) -> np.ndarray:
@@ -440,7 +448,7 @@ class TypedFile:
     def _attrs(self, path: str) -> dict[str, Any]:
         self.flush()
         with self._handle.open() as f:
-            obj = f[path] if path else f
+            obj = fmt.hard_get(f, path)
             return fmt.read_attrs(obj) if obj is not None else {}
 
     def _spec(self, path: str) -> Spec:
@@ -555,6 +563,15 @@ def _flat_arrays(data: Any) -> dict[str, np.ndarray] | None:
         ):
             return None
     return data
+
+
+def _check_unique(index: IdIndex, filename: str) -> None:
+    """Refuse an id table that holds an id twice: ids are keys."""
+    keys = index._sorted
+    twice = np.flatnonzero(keys[1:] == keys[:-1])
+    if len(twice):
+        id = keys[twice[0]].decode("utf-8", "replace")
+        raise FileFormatError(f"{filename!r}: id {id!r} appears more than once in /{fmt.IDS}")
 
 
 def _check_schema(schema: Mapping[str, Any]) -> dict[str, Feature]:
