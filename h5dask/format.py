@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -256,6 +257,19 @@ def append_rows(ds: h5py.Dataset, rows: np.ndarray) -> tuple[int, int]:
     return start, stop
 
 
+def append_blocks(ds: h5py.Dataset, blocks: list[np.ndarray]) -> int:
+    """Append ``blocks`` along axis 0 of ``ds`` with one resize and no copy; return the start."""
+    start = offset = ds.shape[0]
+    stop = start + sum(block.shape[0] for block in blocks)
+    if stop > start:
+        ds.resize(stop, axis=0)
+    for block in blocks:
+        if block.shape[0]:
+            ds[offset : offset + block.shape[0]] = block
+            offset += block.shape[0]
+    return start
+
+
 def write_ref_rows(refs: h5py.Dataset, positions: np.ndarray, rows: np.ndarray) -> None:
     """Write ``rows`` at ``positions`` of a ref table in one contiguous block."""
     lo, hi = int(positions.min()), int(positions.max()) + 1
@@ -389,29 +403,32 @@ def read_layout(f: h5py.File) -> dict[str, Node]:
     """Map every group, feature and plain dataset of ``f`` (ids and errors aside) to a Node.
 
     Only hard links are followed, each group once: soft and external links are
-    left out, so reading never opens another file.
+    left out, so reading never opens another file; a group reached twice is
+    listed once.
     """
     layout: dict[str, Node] = {}
-    seen: set[Any] = set()
-
-    def visit(group: h5py.Group, prefix: str) -> None:
-        seen.add(h5py.h5o.get_info(group.id).addr)
-        for name in group:
-            if not prefix and name in RESERVED:
-                continue
-            path = prefix + name
-            cls = _hard_class(group, name)
-            if cls is h5py.Dataset:
-                layout[path] = _dataset_node("dataset", group[name])
-            elif cls is h5py.Group:
-                child = group[name]
-                if is_feature_group(child):
-                    layout[path] = _dataset_node("feature", child[VALUES])
-                elif h5py.h5o.get_info(child.id).addr not in seen:  # hard links can loop
-                    layout[path] = Node("group")
-                    visit(child, path + "/")
-
-    visit(f, "")
+    seen = {h5py.h5o.get_info(f.id).addr}
+    stack: list[tuple[Iterator[str], h5py.Group, str]] = [(iter(list(f)), f, "")]
+    while stack:  # depth first with a stack: groups may nest deeper than Python recurses
+        names, group, prefix = stack[-1]
+        name = next(names, None)
+        if name is None:
+            stack.pop()
+            continue
+        if not prefix and name in RESERVED:
+            continue
+        path = prefix + name
+        cls = _hard_class(group, name)
+        if cls is h5py.Dataset:
+            layout[path] = _dataset_node("dataset", group[name])
+        elif cls is h5py.Group:
+            child = group[name]
+            if is_feature_group(child):
+                layout[path] = _dataset_node("feature", child[VALUES])
+            elif h5py.h5o.get_info(child.id).addr not in seen:  # hard links can loop
+                seen.add(h5py.h5o.get_info(child.id).addr)
+                layout[path] = Node("group")
+                stack.append((iter(list(child)), child, path + "/"))
     return layout
 
 
