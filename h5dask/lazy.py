@@ -198,6 +198,10 @@ def stored_array(proxy: DatasetProxy) -> StoredArray:
         raise H5DaskError(f"feature {proxy.path!r} of {proxy.file.filename!r} holds no data yet")
     proxy.file.flush()
     node = proxy.file._layout()[proxy.path]
+    if proxy.has_refs:
+        proxy.refs.array  # noqa: B018 - checks the ref table against values once
+    elif not node.shape:
+        raise H5DaskError(f"dataset {proxy.path!r} of {proxy.file.filename!r} is a scalar")
     dtype = np.dtype(node.dtype)
     if fmt.is_string_dtype(dtype):
         dtype = np.dtype(object)
