@@ -99,8 +99,8 @@ class Writer:
     ----------
     file : TypedFile
         The file written to; it must be open for writing.
-    flush_bytes : int
-        Flush once this many bytes are buffered.
+    flush_bytes : int, optional
+        Flush once this many bytes are buffered (default :data:`FLUSH_BYTES`).
     flush_seconds : float or None
         Flush on an ``append`` when the oldest buffered result is this old,
         so that results added interactively reach the disk soon.
@@ -113,12 +113,12 @@ class Writer:
     def __init__(
         self,
         file: TypedFile,
-        flush_bytes: int = FLUSH_BYTES,
+        flush_bytes: int | None = None,
         flush_seconds: float | None = FLUSH_SECONDS,
         new_ids: bool = False,
     ):
         self.file = file
-        self.flush_bytes = flush_bytes
+        self.flush_bytes = FLUSH_BYTES if flush_bytes is None else flush_bytes
         self.flush_seconds = flush_seconds
         self.new_ids = new_ids
         self._pending: list[Block | tuple[str, dict[str, np.ndarray]]] = []
@@ -275,14 +275,17 @@ class Writer:
         positions: np.ndarray,
         total: int,
     ) -> None:
-        values = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
         if path not in f or fmt.VALUES not in f[path]:
             self.file._init_feature_group(f, path)
-            fmt.create_feature(f, path, values, self.file._ds_kwargs(path), total)
+            first = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
+            fmt.create_feature(f, path, first, self.file._ds_kwargs(path), total)
         group = f[path]
         if fmt.is_string_dtype(group[fmt.VALUES].dtype):
-            values = np.array([_to_str(v) for v in values.flat], dtype=object).reshape(values.shape)
-        start, _ = fmt.append_rows(group[fmt.VALUES], values)
+            arrays = [
+                np.array([_to_str(v) for v in a.flat], dtype=object).reshape(a.shape)
+                for a in arrays
+            ]
+        start = fmt.append_blocks(group[fmt.VALUES], arrays)
         present = rows >= 0
         stops = start + np.cumsum(rows[present])
         table = np.stack([stops - rows[present], stops], axis=1)

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tracemalloc
@@ -682,7 +683,7 @@ def test_the_window_bounds_partitions_in_flight_and_keeps_order():
 
         window = 3
         seen = []
-        for k, packed in enumerate(engine._in_order(submit, parts, {"x": Ragged()}, window)):
+        for k, packed in enumerate(engine._in_order(submit, parts, {"x": Ragged()}, None, window)):
             assert len(submitted) <= window + k + 1  # at most `window` partitions in flight
             assert packed.ids == parts[k]  # in order, whatever finished first
             seen.extend(id for id, _ in packed)
@@ -699,7 +700,7 @@ def test_closing_the_window_cancels_what_has_not_started():
             futures.append(pool.submit(slow(fn), *args))
             return futures[-1]
 
-        loads = engine._in_order(submit, parts, {"where": Where()}, window=4)
+        loads = engine._in_order(submit, parts, {"where": Where()}, None, window=4)
         next(loads)
         loads.close()
         assert len(futures) == 5
@@ -757,3 +758,25 @@ def test_memory_in_flight_is_bounded_by_the_window_not_the_number_of_sources():
         tracemalloc.stop()
     assert n == 3000  # 750 MiB went through
     assert peak < (window + 2 * workers) * engine.PARTITION_BYTES
+
+
+class Wide(h5m.Feature):
+    """Rows of 16 KiB, so that a partition's results go through shared-memory files."""
+
+    def load(self, source):
+        n = int(source)
+        return np.full((n % 5, 4096), n, dtype=np.float32)
+
+
+@pytest.mark.parametrize("where", ["processes", "client"])
+def test_large_results_cross_processes_through_files_and_leave_none(tmp_path, client, where):
+    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    before = {p.name for p in shm.glob("h5dask-*")}
+    sources = [str(n) for n in range(300)]  # 2.4 MB: partitions above engine.SPILL_BYTES
+    reference = build(tmp_path / "sync.h5", sources, {"x": Wide()}, scheduler="sync")
+    scheduler = client if where == "client" else where
+    build(tmp_path / "other.h5", sources, {"x": Wide()}, scheduler=scheduler, n_workers=2)
+    assert snapshot(tmp_path / "other.h5") == snapshot(reference.filename)
+    assert {p.name for p in shm.glob("h5dask-*")} == before
+    assert engine._all_local(client.scheduler_info()["workers"])
+    assert not engine._all_local({"tcp://10.1.2.3:8786": {}})
