@@ -19,7 +19,9 @@ before the run, sampled every 2 ms by a psutil thread; worker processes are
 not counted, and with ``threads`` the loads run in the writer's process too.
 Each figure is the median of 3 runs (``--small``: 1 run, fewer sources);
 ratios are the plain loop's time over h5dask's. A last table builds N and 10N
-small sources and prints the ratio of the peak memory growths (target <= 1.2).
+small sources (20,000 and 200,000: past the writer's 16 MiB flush, so that the
+buffer is full in both) and prints the ratio of the peak memory growths
+(target <= 1.2).
 
 Run: ``.venv/bin/python benchmarks/bench_create.py [--small]``
 """
@@ -416,7 +418,7 @@ def main() -> None:
         for work in make_workloads(root, args.small, n_spin):
             print_table(work, bench_workload(work, root, repeats, n_spin))
             shutil.rmtree(os.path.dirname(work.paths[0]))
-        bench_memory(root, 500 if args.small else 5_000)
+        bench_memory(root, 2_000 if args.small else 20_000)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
