@@ -11,6 +11,7 @@ finishes first, which makes the output independent of the scheduler.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -31,7 +32,7 @@ import numpy as np
 from tblib import pickling_support
 from tqdm.auto import tqdm
 
-from .errors import H5DaskError
+from .errors import H5DaskError, SchemaError
 from .extract import flatten, load_schema
 from .feature import Feature
 
@@ -178,6 +179,28 @@ def load_partition(ids: list[str], schema: dict[str, Feature], spill: str | None
     return packed.spill(spill) if spill else packed
 
 
+def _load_pickled(ids: list[str], payload: bytes, spill: str | None) -> Packed:
+    """:func:`load_partition` with the schema sent as bytes.
+
+    A worker that cannot unpickle the features (their module is not importable
+    there) then fails this task with a clear error, instead of failing to
+    receive it, which kills distributed workers over and over.
+    """
+    return load_partition(ids, _unpickle_schema(payload), spill)
+
+
+@functools.lru_cache(maxsize=4)
+def _unpickle_schema(payload: bytes) -> dict[str, Feature]:
+    try:
+        return cloudpickle.loads(payload)
+    except Exception as exc:
+        raise SchemaError(
+            f"the workers cannot load the features ({type(exc).__name__}: {exc}); make their "
+            "module importable on the workers (install it, or set PYTHONPATH), or define them "
+            "in the script or notebook that calls create()"
+        ) from exc
+
+
 def _pack(ids: list[str], results: list[dict[str, np.ndarray]], errors: dict) -> Packed:
     paths = dict.fromkeys(p for r in results for p in r)
     packed = Packed(ids, {}, {}, {}, errors)
@@ -290,16 +313,17 @@ def _in_order(
 ) -> Iterator[Packed]:
     queue: deque = deque()
     todo = iter(parts)
+    payload = cloudpickle.dumps(schema)  # unpickled by the task: a failure is an error there
     try:
         for part in todo:
-            queue.append(submit(load_partition, part, schema, spill))
+            queue.append(submit(_load_pickled, part, payload, spill))
             if len(queue) >= window:
                 break
         while queue:
             packed = queue.popleft().result()
             part = next(todo, None)
             if part is not None:
-                queue.append(submit(load_partition, part, schema, spill))
+                queue.append(submit(_load_pickled, part, payload, spill))
             yield packed
     finally:
         for future in queue:

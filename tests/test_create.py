@@ -780,3 +780,18 @@ def test_large_results_cross_processes_through_files_and_leave_none(tmp_path, cl
     assert {p.name for p in shm.glob("h5dask-*")} == before
     assert engine._all_local(client.scheduler_info()["workers"])
     assert not engine._all_local({"tcp://10.1.2.3:8786": {}})
+
+
+def test_features_the_workers_cannot_import_are_a_clear_error(tmp_path, client, monkeypatch):
+    (tmp_path / "unshared_features.py").write_text(
+        "import numpy as np\nimport h5dask as h5m\n\n"
+        "class Unshared(h5m.Feature):\n    def load(self, source):\n        return np.ones(2)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))  # importable here, not on the workers
+    module = __import__("unshared_features")
+    start = time.monotonic()
+    with pytest.raises(h5m.errors.SchemaError, match="unshared_features") as info:
+        build(tmp_path / "u.h5", ["1", "2"], {"x": module.Unshared()}, scheduler=client)
+    assert "importable on the workers" in str(info.value)
+    assert time.monotonic() - start < 30  # an error, not workers dying over and over
+    assert plain_ids(tmp_path / "u.h5") == []
