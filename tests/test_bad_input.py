@@ -1,0 +1,247 @@
+"""The bad input catalogue of issue 8, beyond tests/test_errors.py and tests/test_create.py.
+
+Each bad input is a clear error naming the source, the feature and the cause, or a failure
+recorded with ``on_error="skip"``; the file left behind always reads back with plain h5py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+
+import h5dask as h5m
+from h5dask.errors import H5DaskError, LoadError, SourceError
+
+
+class Kind(h5m.Feature):
+    """``raise-*`` raises, ``list-*`` returns a list, ``wide-*`` a wider row; else one row."""
+
+    __re__ = r"^(ok|raise|list|wide)-"
+
+    def load(self, source):
+        if source.startswith("raise"):
+            raise RuntimeError(f"cannot read {source}")
+        if source.startswith("list"):
+            return [1, 2]
+        return np.ones((1, 4 if source.startswith("wide") else 3), dtype=np.float32)
+
+
+class Row(h5m.Feature):
+    """One row holding the id's length, for any source."""
+
+    def load(self, source):
+        return np.array([[len(source)]], dtype=np.int64)
+
+
+class Big(h5m.Feature):
+    """One MiB of float32 holding the source's integer."""
+
+    def load(self, source):
+        return np.full((1, 1 << 18), int(source), dtype=np.float32)
+
+
+def build(path, sources, schema, **kwargs):
+    kwargs.setdefault("scheduler", "sync")
+    return h5m.TypedFile.create(path, sources, schema=schema, progress=False, **kwargs)
+
+
+def plain_read(path) -> dict[str, list]:
+    """Every committed id's data of every feature, read with plain h5py only."""
+    out = {}
+    with h5py.File(path, "r") as f:
+        ids = f["__src__/id"].asstr()[()].tolist()
+        for name in ("image", "kind", "row", "big"):
+            if f.get(f"{name}/refs") is None:
+                continue
+            refs, values = f[f"{name}/refs"][: len(ids)], f[f"{name}/values"]
+            out[name] = [None if a < 0 else values[a:b] for a, b in refs.tolist()]
+    out["ids"] = ids
+    return out
+
+
+@pytest.fixture
+def images(tmp_path):
+    root = tmp_path / "img"
+    root.mkdir()
+    for i in range(3):
+        PILImage.new("L", (4, 4), color=i * 40).save(root / f"{i}.png")
+    (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return root
+
+
+@pytest.fixture
+def dead_url():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/x.png"
+
+
+def test_a_corrupt_image_names_source_feature_and_cause(tmp_path, images):
+    sources = [str(images / "0.png"), str(images / "corrupt.png"), str(images / "1.png")]
+    path = tmp_path / "c.h5"
+    with pytest.raises(LoadError) as info:
+        build(path, sources, {"image": h5m.features.Image()})
+    assert (info.value.source, info.value.feature) == (sources[1], "image")
+    assert "corrupt.png" in str(info.value) and "'image'" in str(info.value)
+    assert "UnidentifiedImageError" in str(info.value)
+    read = plain_read(path)
+    assert read["ids"] == sources[:1] and read["image"][0].shape == (1, 4, 4, 3)
+
+
+def test_every_kind_of_bad_source_is_recorded_with_skip(tmp_path, images, dead_url):
+    good = [str(images / f"{i}.png") for i in range(3)]
+    bad = {
+        str(images / "corrupt.png"): ("image", "UnidentifiedImageError"),
+        str(images / "missing.png"): ("image", "missing.png"),
+        dead_url: ("image", "127.0.0.1"),
+        "raise-1": ("kind", "RuntimeError: cannot read raise-1"),
+        "list-1": ("kind", "list"),
+        "wide-1": ("kind", "(1, 4)"),
+    }
+    sources = ["ok-0", good[0], *bad, good[1], "ok-1", good[2]]
+    schema = {"image": h5m.features.Image(), "kind": Kind()}
+    file = build(tmp_path / "s.h5", sources, schema, on_error="skip", scheduler="threads")
+    failures = {e.source: (e.feature, e.message) for e in file.errors}
+    assert set(failures) == set(bad)
+    for source, (feature, cause) in bad.items():
+        assert failures[source][0] == feature and cause in failures[source][1], failures[source]
+    read = plain_read(file.filename)
+    assert read["ids"] == ["ok-0", good[0], good[1], "ok-1", good[2]]
+    assert [None if a is None else int(a[0, 0, 0, 0]) for a in read["image"]] == [
+        None, 0, 40, None, 80
+    ]  # fmt: skip
+    assert file.image.get(good[2])[0, 0, 0, 0] == 80
+
+
+def test_duplicate_sources_are_dropped_with_a_warning(tmp_path):
+    sources = ["a", "b", "a", "c", "b", "a"]
+    with pytest.warns(UserWarning, match="dropped 3 duplicate source ids"):
+        file = build(tmp_path / "d.h5", sources, {"row": Row()})
+    assert plain_read(file.filename)["ids"] == ["a", "b", "c"]
+    assert len(file.index) == 3
+
+
+def test_an_empty_source_list_leaves_the_file_alone(tmp_path):
+    path = tmp_path / "e.h5"
+    build(path, ["a"], {"row": Row()})
+    before = plain_read(path)
+    for sources in ([], (), iter([])):
+        with pytest.raises(SourceError, match="no sources"):
+            build(path, sources, {"row": Row()})
+    assert plain_read(path)["ids"] == before["ids"] == ["a"]
+
+
+ODD_IDS = ["with space", "  leading and trailing  ", "é/ü/日本語", "a/b/c", "/rooted", "tab\there"]
+ODD_IDS += ["emoji 🎉", "quote ' and \"", "new\nline", "x" * 300]
+
+
+def test_ids_with_spaces_unicode_and_slashes_round_trip(tmp_path):
+    file = build(tmp_path / "o.h5", ODD_IDS, {"row": Row()})
+    assert plain_read(file.filename)["ids"] == ODD_IDS
+    for position, id in enumerate(ODD_IDS):
+        assert file.index[id] == position and id in file
+        assert file.row.get(id).tolist() == [[len(id)]]
+        assert file.get(id) == {"row": file.row.get(id)}
+        assert file.row[file.row.refs[id]].tolist() == [[len(id)]]
+    assert file.ids.tolist() == ODD_IDS
+    reopened = h5m.TypedFile(file.filename)
+    assert reopened.row.get("é/ü/日本語").tolist() == [[len("é/ü/日本語")]]
+    assert "with space" in str(reopened._repr_html_()) or "with space" in reopened.ids
+
+
+@pytest.mark.parametrize("id", ["with space", "é/ü/日本語", "a/b/c", "emoji 🎉"])
+def test_the_cli_shows_odd_ids(tmp_path, id):
+    path = tmp_path / "cli.h5"
+    build(path, [id, "plain"], {"row": Row()})
+    run = subprocess.run(
+        [sys.executable, "-m", "h5dask", "show", str(path), "row", id],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    assert str(len(id)) in run.stdout and "int64" in run.stdout
+    info = subprocess.run(
+        [sys.executable, "-m", "h5dask", "info", str(path)], capture_output=True, text=True
+    )
+    assert info.returncode == 0 and id in info.stdout
+
+
+HOLD = """
+import sys, time, h5py
+f = h5py.File(sys.argv[1], "r+")
+print("holding", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_file_held_by_another_writer_is_a_clear_error(tmp_path):
+    path = tmp_path / "held.h5"
+    build(path, ["a", "b"], {"row": Row()})
+    before = plain_read(path)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"holding\n"
+        with pytest.raises(H5DaskError) as info:
+            build(path, ["c"], {"row": Row()}, mode="a")
+        assert str(path) in str(info.value) and "lock" in str(info.value)
+        assert isinstance(info.value.__cause__, OSError)  # h5py's error, chained, not raw
+        with pytest.raises(H5DaskError, match="held.h5"):
+            h5m.TypedFile(path, mode="r+").add("z", {"row": np.zeros((1, 1), np.int64)}).flush()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert plain_read(path)["ids"] == before["ids"]
+
+
+FILL = """
+import sys, numpy as np
+sys.path.insert(0, sys.argv[3])
+from test_bad_input import Big, build
+build(sys.argv[1], [str(i) for i in range(int(sys.argv[2]))], {"big": Big()})
+"""
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 24 MiB tmpfs, unmounted afterwards."""
+    mount = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_full_disk_stops_the_build_and_a_resume_elsewhere_finishes_it(tmp_path, small_disk):
+    n = 48  # 48 MiB of data for a 24 MiB disk
+    full = small_disk / "full.h5"
+    run = subprocess.run(
+        [sys.executable, "-c", FILL, str(full), str(n), str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode != 0  # the build did not pretend to succeed
+    assert "No space left on device" in run.stderr
+    moved = tmp_path / "moved.h5"  # resume on a larger disk
+    for name in os.listdir(small_disk):
+        shutil.copy(small_disk / name, tmp_path / name.replace("full.h5", "moved.h5"))
+    sources = [str(i) for i in range(n)]
+    build(moved, sources, {"big": Big()}, mode="a")
+    read = plain_read(moved)
+    assert read["ids"] == sources
+    assert [int(a[0, 0]) for a in read["big"]] == list(range(n))
+    assert all((a == int(i)).all() for i, a in zip(sources, read["big"], strict=True))
