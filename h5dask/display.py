@@ -81,7 +81,8 @@ def _feature_row(f: h5py.File, path: str, node: fmt.Node, n: int, shown: int) ->
 def _attrs(f: h5py.File, paths: list[str]) -> dict[str, dict[str, Any]]:
     out = {}
     for path in paths:
-        attrs = fmt.read_attrs(f[path] if path else f)
+        obj = fmt.hard_get(f, path)  # never through a soft or external link
+        attrs = fmt.read_attrs(obj) if obj is not None else {}
         if not path:
             attrs = {k: v for k, v in attrs.items() if k not in ROOT_ATTRS}
         if attrs:
