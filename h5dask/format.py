@@ -92,7 +92,7 @@ def check_root(f: h5py.File) -> None:
     where = f"{f.filename!r}"
     version = f.attrs.get("format_version", FORMAT_VERSION)
     if not isinstance(version, (int, np.integer)) or isinstance(version, (bool, np.bool_)):
-        raise FileFormatError(f"{where}: format_version is {version!r}, not an integer")
+        raise FileFormatError(f"{where}: format_version is {_short(version)}, not an integer")
     if version > FORMAT_VERSION:
         raise FileFormatError(
             f"{where}: format_version {int(version)} is newer than this h5dask reads "
