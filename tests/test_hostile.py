@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 
 import h5dask
+import h5dask as h5m
+from h5dask.display import text_table
 
 PACKAGE = Path(h5dask.__file__).parent
 IDS = ["a", "b", "c"]
@@ -250,6 +252,7 @@ def secret(tmp_path):
     """The file external links point to: h5dask must never read it."""
     with h5py.File(tmp_path / "secret.h5", "w") as f:
         f["data"] = np.full(10, 666.0)
+        f.attrs["secret"] = 666
     return tmp_path / "secret.h5"
 
 
@@ -436,6 +439,9 @@ def test_external_and_soft_links_are_never_followed(tmp_path, secret):
     assert "elsewhere" not in file.keys() and "x/values" not in file.features
     with h5py.File(secret, "a"):  # a reader holding the other file open changes nothing
         assert TypedFile(tmp_path / "external.h5").keys() == ["x"]
+    declared = TypedFile(tmp_path / "external.h5", schema={"elsewhere": h5m.Array()})
+    assert declared.elsewhere.attrs == {} and declared.elsewhere.get("a") is None
+    assert "666" not in text_table(declared, path="elsewhere")
 
 
 def test_loops_dangling_links_and_deep_groups_read_in_finite_time(tmp_path):
