@@ -15,6 +15,7 @@ from typing import Any
 import h5py
 
 from .errors import FileFormatError, ReadOnlyError
+from .repair import can_journal, journaled, needs_repair, repair
 
 __all__ = ["FileHandle", "open_h5"]
 
@@ -27,10 +28,16 @@ def open_h5(filename: str, mode: str = "r", **h5_kwargs: Any) -> h5py.File:
     FileNotFoundError
         ``filename`` does not exist (modes ``r`` and ``r+``).
     FileFormatError
-        ``filename`` exists but is not an HDF5 file, or cannot be opened.
+        ``filename`` exists but is not an HDF5 file, cannot be opened, is being
+        written by another process, or holds the unfinished commit of a writer
+        that died (``h5dask repair FILE`` restores its last commit; opening it
+        for writing does so too).
     """
-    if mode in ("r", "r+") and h5_kwargs.get("driver") != "core" and not os.path.exists(filename):
+    on_disk = h5_kwargs.get("driver") != "core"
+    if mode in ("r", "r+") and on_disk and not os.path.exists(filename):
         raise FileNotFoundError(f"no such file: {filename!r}")
+    if on_disk and isinstance(filename, (str, os.PathLike)) and needs_repair(filename):
+        _finish_interrupted_commit(os.fspath(filename), mode)
     try:
         return h5py.File(filename, mode, **h5_kwargs)
     except FileNotFoundError:
@@ -38,7 +45,56 @@ def open_h5(filename: str, mode: str = "r", **h5_kwargs: Any) -> h5py.File:
     except OSError as exc:
         if "signature" in str(exc):
             raise FileFormatError(f"{filename!r} is not an HDF5 file") from exc
+        if "unable to lock file" in str(exc):
+            raise FileFormatError(_locked_message(filename, mode)) from exc
         raise FileFormatError(f"cannot open {filename!r} in mode {mode!r}: {exc}") from exc
+
+
+def _finish_interrupted_commit(filename: str, mode: str) -> None:
+    """Undo a dead writer's unfinished commit before writing; refuse to read past it."""
+    if mode != "r":
+        repair(filename)  # raises if a live writer holds the journal
+        return
+    with open_journal_lock(filename) as live:
+        if live:
+            raise FileFormatError(
+                f"cannot open {filename!r}: another process is committing a batch to it "
+                "right now; retry in a moment"
+            )
+    raise FileFormatError(
+        f"{filename!r} holds an unfinished commit: the process writing it died. Run "
+        f"`h5dask repair {filename}` (or open it for writing) to restore its last commit"
+    )
+
+
+@contextmanager
+def open_journal_lock(filename: str) -> Iterator[bool]:
+    """Yield whether a live writer holds the journal of ``filename``."""
+    import fcntl
+
+    from .repair import journal_path
+
+    try:
+        fd = os.open(journal_path(filename), os.O_RDONLY)
+    except FileNotFoundError:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            yield False
+        except BlockingIOError:
+            yield True
+    finally:
+        os.close(fd)
+
+
+def _locked_message(filename: str, mode: str) -> str:
+    return (
+        f"cannot open {filename!r} in mode {mode!r}: another process is writing it "
+        "(unable to lock file). Wait until it finishes; to read what is committed anyway, "
+        "open it read-only with locking=False (never for writing)"
+    )
 
 
 def as_reader(ds: h5py.Dataset) -> Any:
@@ -71,6 +127,7 @@ class FileHandle:
         self._file: h5py.File | None = None
         self._pid = os.getpid()
         self._readers: dict[str, tuple[h5py.File, Any]] = {}
+        self._writing: h5py.File | None = None
 
     @property
     def is_open(self) -> bool:
@@ -84,6 +141,17 @@ class FileHandle:
             raise ReadOnlyError(f"{self.filename!r} is open read-only; open it with mode='r+'")
         if self.keep_open:
             yield self._cached()
+            return
+        if self._writing is not None:  # nested in a journaled write: the same file
+            yield self._writing
+            return
+        if write and can_journal(self.filename, self.h5_kwargs):
+            with journaled(self.filename, **self.h5_kwargs) as f:
+                self._writing = f
+                try:
+                    yield f
+                finally:
+                    self._writing = None
             return
         # reads take a shared lock only, so that many processes read at once
         f = open_h5(self.filename, self.mode if write else "r", **self.h5_kwargs)
@@ -131,6 +199,7 @@ class FileHandle:
         state = self.__dict__.copy()
         state["_file"] = None
         state["_readers"] = {}
+        state["_writing"] = None
         return state
 
     def __repr__(self) -> str:

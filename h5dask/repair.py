@@ -1,0 +1,238 @@
+"""Crash safety of writes: an undo journal around each commit, and ``repair``.
+
+HDF5 updates its metadata in place and in no particular order, so a writer
+killed in the middle of a flush can leave a file that opens but holds
+dangling addresses (reads fail, later writes crash the interpreter). h5dask
+keeps the file closed and consistent between commits, and wraps each commit
+in an undo journal: before HDF5 overwrites a byte that existed when the
+commit began, the old page is appended to ``FILE.h5dask-journal``. Once the
+file is closed the journal is deleted: that is the commit. If the writer
+dies, the journal survives, and :func:`repair` writes the old pages back and
+cuts the file to its old length, restoring the file exactly as it was after
+the last commit. ``docs/RELIABILITY.md`` describes the guarantees.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import time
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import h5py
+
+from .errors import FileFormatError
+
+__all__ = ["repair", "journal_path", "journaled", "needs_repair", "JOURNAL_SUFFIX"]
+
+JOURNAL_SUFFIX = ".h5dask-journal"
+PAGE = 4096
+LOCK_WAIT = 10.0
+MAGIC = b"H5DJRNL1"
+HEADER = struct.Struct("<8sQI")  # magic, length of the file before the commit, crc
+RECORD = struct.Struct("<QII")  # offset, length, crc of the data
+
+
+def journal_path(filename: str | os.PathLike) -> str:
+    """The undo journal of ``filename``: it exists only while a commit is unfinished."""
+    return os.fspath(filename) + JOURNAL_SUFFIX
+
+
+def needs_repair(filename: str | os.PathLike) -> bool:
+    """Whether a writer died in the middle of a commit to ``filename`` (or is committing now)."""
+    return os.path.exists(journal_path(filename))
+
+
+def repair(filename: str | os.PathLike) -> bool:
+    """Undo the unfinished commit of a writer that died; return whether there was one.
+
+    The file is restored byte for byte to its state after its last commit:
+    every source committed before the crash is kept, and
+    ``TypedFile.create(filename, sources, mode="a")`` resumes the build.
+
+    Raises
+    ------
+    FileFormatError
+        A live process is writing the file, or the journal is not an h5dask journal.
+
+    Examples
+    --------
+    >>> from h5dask.repair import repair
+    >>> repair("experiment.h5")  # doctest: +SKIP
+    False
+    """
+    path = journal_path(filename)
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        _lock(fd, filename)
+        size, records = _read_journal(fd, filename)
+        with open(filename, "r+b") as f:
+            for offset, data in records:
+                f.seek(offset)
+                f.write(data)
+            f.truncate(size)
+        os.unlink(path)
+    finally:
+        os.close(fd)
+    return True
+
+
+def _lock(fd: int, filename: str | os.PathLike) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise FileFormatError(
+            f"{os.fspath(filename)!r} is being written by another process (its journal is locked)"
+        ) from None
+
+
+def _read_journal(fd: int, filename: str | os.PathLike) -> tuple[int, list[tuple[int, bytes]]]:
+    """The file length before the commit and the saved pages; a torn last record is dropped."""
+    with os.fdopen(os.dup(fd), "rb") as j:
+        header = j.read(HEADER.size)
+        if len(header) < HEADER.size:  # died before the header was written: nothing changed yet
+            return os.path.getsize(filename), []
+        magic, size, crc = HEADER.unpack(header)
+        if magic != MAGIC or zlib.crc32(header[:16]) != crc:
+            raise FileFormatError(f"{journal_path(filename)!r} is not an h5dask journal")
+        records = []
+        while head := j.read(RECORD.size):
+            if len(head) < RECORD.size:
+                break
+            offset, length, crc = RECORD.unpack(head)
+            data = j.read(length)
+            if len(data) < length or zlib.crc32(data, offset) != crc:
+                break  # the page was being saved: it was not overwritten yet
+            records.append((offset, data))
+    return size, records
+
+
+class JournaledFile:
+    """A binary file that saves each page of its old content to a journal before changing it.
+
+    Pages past the file's length at the start need no saving: :func:`repair`
+    cuts them off. It is the file object h5py's ``fileobj`` driver writes to.
+    """
+
+    def __init__(self, filename: str, lock: bool = True):
+        self.name = filename
+        self._f = open(filename, "r+b")  # noqa: SIM115 - closed by close()
+        if lock:
+            _lock_data(self._f.fileno(), filename)
+        self._journal = os.open(journal_path(filename), os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+        fcntl.flock(self._journal, fcntl.LOCK_EX)
+        self.size = os.fstat(self._f.fileno()).st_size
+        head = HEADER.pack(MAGIC, self.size, 0)[:16]
+        os.write(self._journal, head + struct.pack("<I", zlib.crc32(head)))
+        self._saved: set[int] = set()
+
+    def _save(self, start: int, stop: int) -> None:
+        for page in range(start // PAGE, (min(stop, self.size) - 1) // PAGE + 1):
+            if page in self._saved:
+                continue
+            offset = page * PAGE
+            data = os.pread(self._f.fileno(), min(PAGE, self.size - offset), offset)
+            record = RECORD.pack(offset, len(data), zlib.crc32(data, offset)) + data
+            os.write(self._journal, record)
+            self._saved.add(page)
+
+    # -- the file object protocol h5py uses ---------------------------------------------------
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def readinto(self, buffer: Any) -> int:
+        return self._f.readinto(buffer)
+
+    def read(self, n: int = -1) -> bytes:
+        return self._f.read(n)
+
+    def write(self, data: Any) -> int:
+        start = self._f.tell()
+        if start < self.size:
+            self._save(start, start + memoryview(data).nbytes)
+        return self._f.write(data)
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self._f.tell() if size is None else size
+        if size < self.size:
+            self._save(size, self.size)
+        return self._f.truncate(size)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def close(self) -> None:
+        """Close the file, then delete the journal: the commit."""
+        self._f.close()
+        os.unlink(journal_path(self.name))
+        os.close(self._journal)
+
+    def abandon(self) -> None:
+        """Close without committing: the journal stays for :func:`repair`."""
+        self._f.close()
+        os.close(self._journal)
+
+
+def _lock_data(fd: int, filename: str) -> None:
+    """Lock the file as HDF5 does, waiting a little for readers to let go of it."""
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise FileFormatError(
+                    f"cannot write {filename!r}: another process has kept it open for "
+                    f"{LOCK_WAIT:.0f} s (unable to lock file)"
+                ) from None
+            time.sleep(0.01)
+
+
+def can_journal(filename: Any, h5_kwargs: dict[str, Any]) -> bool:
+    """Whether writes to ``filename`` with these options can go through a journal."""
+    return (
+        isinstance(filename, (str, os.PathLike))
+        and h5_kwargs.get("driver") in (None, "sec2")
+        and os.path.isfile(filename)
+    )
+
+
+def _locking(h5_kwargs: dict[str, Any]) -> bool:
+    if "locking" in h5_kwargs:
+        return h5_kwargs["locking"] not in (False, "false")
+    return os.environ.get("HDF5_USE_FILE_LOCKING", "TRUE").upper() not in ("FALSE", "0")
+
+
+@contextmanager
+def journaled(filename: str, **h5_kwargs: Any) -> Iterator[h5py.File]:
+    """Open ``filename`` for writing inside one journaled commit; commit on a clean exit.
+
+    An unfinished commit left by a dead writer is undone first (:func:`repair`).
+    If the body raises, the file is closed and the commit kept: h5dask's own
+    commit point (the id table) decides what counts, as without a journal.
+    """
+    repair(filename)
+    kwargs = {k: v for k, v in h5_kwargs.items() if k not in ("driver", "locking")}
+    raw = JournaledFile(filename, lock=_locking(h5_kwargs))
+    try:
+        f = h5py.File(raw, "r+", **kwargs)
+    except BaseException:
+        raw.close()
+        raise
+    try:
+        yield f
+    finally:
+        f.close()
+        raw.close()
