@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--traceback", action="store_true", help="show the full traceback of an error"
     )
-    for add in (_add_info, _add_ls, _add_show, _add_build):
+    for add in (_add_info, _add_ls, _add_show, _add_build, _add_repair):
         add(commands, common)
     return parser
 
@@ -431,3 +431,30 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}")
     return value
+
+
+# -- repair -------------------------------------------------------------------------------------
+
+
+def _add_repair(commands: Any, common: argparse.ArgumentParser) -> None:
+    sub = _command(
+        commands,
+        common,
+        "repair",
+        "Undo the unfinished commit of a writer that died (kill -9, a crash): the file is "
+        "restored to its last commit; `build --mode a` then resumes.",
+    )
+    sub.add_argument("file", metavar="FILE", help="an h5dask file")
+    sub.set_defaults(run=run_repair)
+
+
+def run_repair(args: argparse.Namespace) -> None:
+    """``h5dask repair``: restore the last commit, then say how many ids it holds."""
+    from .repair import repair
+
+    if not os.path.exists(args.file):
+        raise CLIError(f"no such file: {args.file!r}")
+    undone = repair(args.file)
+    n = len(_open(args.file))
+    what = "undid an unfinished commit" if undone else "nothing to repair"
+    print(f"{args.file}: {what}; {n} committed ids")

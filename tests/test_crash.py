@@ -1,0 +1,313 @@
+"""Crash safety with real processes: kill -9, Ctrl-C, a dead worker, readers while writing.
+
+A build script is written into ``tmp_path`` and run in a subprocess; the test kills it,
+then checks what is on disk against what the loader produces for each committed id.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import distributed
+import h5py
+import numpy as np
+import psutil
+import pytest
+
+import h5dask as h5m
+from h5dask.cli import main as cli
+from h5dask.errors import FileFormatError
+from h5dask.repair import journal_path, needs_repair
+
+BUILD = '''
+import sys, time
+import numpy as np
+import h5dask as h5m
+from h5dask import engine, writer
+
+N = 3000
+SLOW = 0.0
+
+
+class Ragged(h5m.Feature):
+    def load(self, source):
+        i = int(source[1:])
+        time.sleep(SLOW)
+        return np.arange((i * 37) % 41 * 16, dtype=np.float32).reshape(-1, 16) + i
+
+
+class Late(h5m.Feature):
+    """Strings from the 1200th source on: its datasets appear mid-build."""
+
+    def load(self, source):
+        i = int(source[1:])
+        return None if i < 1200 else np.array([f"id {i} " * (i % 5)])
+
+
+SCHEMA = {"x": Ragged(), "late": Late()}
+SOURCES = [f"s{i:04d}" for i in range(N)]
+
+
+def small_commits():
+    """Many small partitions and commits, so that kills land in the middle of commits."""
+    engine.MAX_PARTITION = 16
+    writer.FLUSH_BYTES = 16 << 10
+
+
+if __name__ == "__main__":
+    SLOW = float(sys.argv[3])
+    small_commits()
+    print("start", flush=True)
+    h5m.TypedFile.create(sys.argv[1], SOURCES, schema=SCHEMA, scheduler=sys.argv[2],
+                         n_workers=2, progress=False)
+    print("done", flush=True)
+'''
+
+READER = """
+import sys, time
+import h5dask as h5m
+from h5dask.errors import H5DaskError
+import buildmod
+
+path, stop = sys.argv[1], sys.argv[2]
+import os
+while not os.path.exists(stop):
+    try:
+        f = h5m.TypedFile(path)
+        ids = f.ids.tolist()
+        assert ids == buildmod.SOURCES[: len(ids)]
+        for id in ids[-20:]:
+            got = f.get(id)
+            for name, feature in buildmod.SCHEMA.items():
+                want = feature.load(id)
+                assert (want is None and name not in got) or (got[name] == want).all(), id
+        print("ok", len(ids), flush=True)
+    except H5DaskError as exc:
+        print("busy", type(exc).__name__, str(exc).replace(chr(10), " "), flush=True)
+    time.sleep(0.01)
+"""
+
+
+@pytest.fixture
+def build(tmp_path):
+    """The build script's module (imported here too, so the test can run its loaders)."""
+    (tmp_path / "buildmod.py").write_text(BUILD)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        module = importlib.import_module("buildmod")
+        yield importlib.reload(module)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("buildmod", None)
+
+
+def create(build, path, mode="w", scheduler="sync", **kwargs):
+    return h5m.TypedFile.create(
+        path, build.SOURCES, mode=mode, schema=build.SCHEMA, scheduler=scheduler, progress=False,
+        **kwargs,
+    )  # fmt: skip
+
+
+def snapshot(path) -> dict:
+    out = {}
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Dataset):
+            strings = h5py.check_string_dtype(obj.dtype)
+            data = obj.asstr()[()].tolist() if strings else obj[()].tobytes()
+            out[name] = (obj.dtype.str, obj.shape, obj.chunks, data)
+
+    with h5py.File(path, "r") as f:
+        f.visititems(visit)
+    return out
+
+
+def check_committed_prefix(build, path) -> int:
+    """Every committed id is a prefix of the sources and reads back as its loader's output."""
+    with h5py.File(path, "r") as f:
+        ids = f["__src__/id"].asstr()[()].tolist()
+        assert ids == build.SOURCES[: len(ids)]
+        for name, feature in build.SCHEMA.items():
+            if name not in f or "values" not in f[name]:
+                continue
+            values = f[name]["values"]
+            values = values.asstr() if h5py.check_string_dtype(values.dtype) else values
+            refs = f[name]["refs"][: len(ids)]
+            assert refs.shape == (len(ids), 2)
+            for id, (start, stop) in zip(ids, refs.tolist(), strict=True):
+                want = feature.load(id)
+                if want is None:
+                    assert start == stop == -1, (name, id)
+                    continue
+                assert 0 <= start <= stop <= values.shape[0], (name, id, start, stop)
+                assert np.array_equal(values[start:stop], want), (name, id)
+    return len(ids)
+
+
+def spawn(tmp_path, *args):
+    script = tmp_path / "buildmod.py"
+    return subprocess.Popen(
+        [sys.executable, str(script), *map(str, args)], stdout=subprocess.PIPE, text=True
+    )
+
+
+def test_kill_9_at_random_moments_then_repair_and_resume(tmp_path, build):
+    clean = tmp_path / "clean.h5"
+    build.small_commits()
+    create(build, clean)
+    expected = snapshot(clean)
+    rng = random.Random(8)
+    path = tmp_path / "k.h5"
+    mid_commit = 0
+    for trial in range(10):
+        process = spawn(tmp_path, path, "sync", 0)
+        assert process.stdout.readline().strip() == "start"
+        time.sleep(rng.uniform(0.1, 0.9))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        if not path.exists():
+            continue
+        if needs_repair(path):
+            mid_commit += 1
+            with pytest.raises(FileFormatError, match="h5dask repair"):
+                h5m.TypedFile(path)
+            args = ["-m", "h5dask", "repair", str(path)]
+            if trial % 3 == 0:  # the command line in a process of its own
+                out = subprocess.run([sys.executable, *args], capture_output=True, text=True)
+                assert out.returncode == 0 and "undid an unfinished commit" in out.stdout
+            else:
+                assert cli(["repair", str(path)]) == 0
+        assert not os.path.exists(journal_path(path))
+        n = check_committed_prefix(build, path)
+        assert len(h5m.TypedFile(path)) == n
+        create(build, path, mode="a")
+        assert snapshot(path) == expected, f"trial {trial}: the resumed file differs"
+    assert mid_commit >= 1, "no kill landed in the middle of a commit: the test proves nothing"
+
+
+def test_repair_of_a_clean_file_changes_nothing(tmp_path, build, capsys):
+    path = tmp_path / "c.h5"
+    create(build, path)
+    before = snapshot(path)
+    assert cli(["repair", str(path)]) == 0
+    assert "nothing to repair; 3000 committed ids" in capsys.readouterr().out
+    assert snapshot(path) == before
+    assert cli(["repair", str(tmp_path / "missing.h5")]) == 1
+
+
+def test_readers_while_writing_see_a_committed_prefix_or_a_clear_error(tmp_path, build):
+    path, stop = tmp_path / "r.h5", tmp_path / "stop"
+    (tmp_path / "reader.py").write_text(READER)
+    writer = spawn(tmp_path, path, "sync", 0.0003)
+    assert writer.stdout.readline().strip() == "start"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    reader = subprocess.Popen(
+        [sys.executable, str(tmp_path / "reader.py"), str(path), str(stop)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        assert writer.stdout.readline().strip() == "done"
+        assert writer.wait(timeout=60) == 0
+    finally:
+        stop.touch()
+        out, err = reader.communicate(timeout=60)
+    lines = out.splitlines()
+    assert reader.returncode == 0, err
+    counts = [int(line.split()[1]) for line in lines if line.startswith("ok")]
+    assert counts and counts == sorted(counts), "readers saw no commit, or commits going back"
+    for line in lines:
+        if line.startswith("busy"):
+            assert "FileFormatError" in line and str(path) in line
+            assert "another process" in line or "h5dask repair" in line
+    assert check_committed_prefix(build, path) == 3000
+
+
+def test_a_killed_worker_loses_nothing(tmp_path, build, monkeypatch):
+    clean = tmp_path / "clean.h5"
+    create(build, clean)
+    # the worker processes import buildmod from tmp_path
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    with (
+        distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        client.run(lambda: __import__("buildmod").__setattr__("SLOW", 0.001))
+        pids = list(client.run(os.getpid).values())
+
+        def kill_one():
+            time.sleep(1.0)
+            os.kill(pids[0], signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_one)
+        killer.start()
+        path = tmp_path / "w.h5"
+        create(build, path, scheduler=client)
+        killer.join()
+        assert not psutil.pid_exists(pids[0]) or psutil.Process(pids[0]).status() == "zombie"
+    assert snapshot(path) == snapshot(clean)
+
+
+MAP = """
+import sys, time
+from pathlib import Path
+import numpy as np, psutil, h5py
+import h5dask as h5m
+
+def slow(x):
+    Path(sys.argv[2]).touch()
+    time.sleep(0.005)
+    return x * 2
+
+class X(h5m.Feature):
+    def load(self, source):
+        return np.arange(int(source) % 7 + 1)
+
+if __name__ == "__main__":
+    f = h5m.TypedFile.create(sys.argv[1], [str(i) for i in range(2000)], schema={"x": X()},
+                             scheduler="sync", progress=False)
+    f = h5m.TypedFile(sys.argv[1], mode="r+")
+    print("built", flush=True)
+    try:
+        f.get_proxy("x").map({"y": slow}, n_workers=2, progress=False)
+    except KeyboardInterrupt:
+        left = [p.cmdline() for p in psutil.Process().children(recursive=True)]
+        left = [c for c in left if "resource_tracker" not in " ".join(c)]
+        with h5py.File(sys.argv[1], "r") as h:
+            n = h["__src__/id"].shape[0]
+            y = h["y/refs"][:] if "y" in h else np.zeros((0, 2), int)
+            values = h["y/values"][:] if "y" in h else np.zeros(0)
+            ok = all(
+                (values[a:b] == np.arange(int(i) % 7 + 1) * 2).all()
+                for i, (a, b) in enumerate(y.tolist()) if a >= 0
+            )
+            print("interrupted", left, n, int((y[:, 0] >= 0).sum()), ok, sep="|", flush=True)
+"""
+
+
+def test_ctrl_c_during_map_stops_the_cluster_and_keeps_the_committed_prefix(tmp_path):
+    script, started = tmp_path / "map.py", tmp_path / "started"
+    script.write_text(MAP)
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "m.h5"), str(started)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert process.stdout.readline().strip() == "built"
+        deadline = time.monotonic() + 60
+        while not started.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)
+        process.send_signal(signal.SIGINT)
+        out, _ = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    word, left, n, mapped, ok = out.strip().split("|")
+    assert word == "interrupted" and left == "[]" and n == "2000" and ok == "True"
+    assert 0 <= int(mapped) < 2000
