@@ -260,6 +260,7 @@ def run_loads(
     n_workers: int | None = None,
     scheduler: Any = None,
     progress: bool = True,
+    desc: str = "create",
 ) -> Iterator[Packed]:
     """Yield the :class:`Packed` results of consecutive partitions of ``ids``, in order.
 
@@ -276,17 +277,17 @@ def run_loads(
         Client; default: the active Client, else an embedded LocalCluster.
     progress : bool
         Show a progress bar (a widget in Jupyter).
+    desc : str
+        What the progress bar says is running.
     """
     if not ids:
         return
-    with (
-        _submitter(scheduler, n_workers) as (submit, workers, where, local),
-        _spill_folder(local) as spill,
-    ):
-        parts = Partitions(ids, partition_size(len(ids), workers))
-        bar = tqdm(total=len(ids), disable=not progress, unit="src", desc=f"create ({where})")
-        with bar:
-            tasks = _in_order(submit, parts, schema, spill, window=2 * workers + 2)
+    with _scheduler(scheduler, n_workers) as where, _spill_folder(where.local) as spill:
+        parts = Partitions(ids, partition_size(len(ids), where.workers))
+        name = f"{desc} ({where.name})"
+        with tqdm(total=len(ids), disable=not progress, unit="src", desc=name) as bar:
+            window = 2 * where.workers + 2
+            tasks = _in_order(where.submit, parts, schema, spill, window, where.processes)
             for packed in tasks:
                 parts.observe(packed)
                 yield packed.unspill()
@@ -310,20 +311,28 @@ def _in_order(
     schema: dict[str, Feature],
     spill: str | None,
     window: int,
+    pickled: bool = False,
 ) -> Iterator[Packed]:
+    """Results of ``parts`` in order, at most ``window`` tasks in flight.
+
+    ``pickled``: the workers are other processes; the schema is sent as bytes
+    that the task unpickles, so that a failure to unpickle is the task's error.
+    """
     queue: deque = deque()
     todo = iter(parts)
-    payload = cloudpickle.dumps(schema)  # unpickled by the task: a failure is an error there
+    task, features = (
+        (_load_pickled, cloudpickle.dumps(schema)) if pickled else (load_partition, schema)
+    )
     try:
         for part in todo:
-            queue.append(submit(_load_pickled, part, payload, spill))
+            queue.append(submit(task, part, features, spill))
             if len(queue) >= window:
                 break
         while queue:
             packed = queue.popleft().result()
             part = next(todo, None)
             if part is not None:
-                queue.append(submit(_load_pickled, part, payload, spill))
+                queue.append(submit(task, part, features, spill))
             yield packed
     finally:
         for future in queue:
@@ -358,23 +367,40 @@ def check_scheduler(scheduler: Any) -> None:
     )
 
 
+@dataclass(frozen=True)
+class Scheduler:
+    """Where the loads run.
+
+    ``submit(fn, *args)`` returns a future; ``workers`` run at once;
+    ``processes``: they are other processes (the schema travels pickled);
+    ``local``: processes of this machine (results can go through shared memory).
+    """
+
+    submit: Callable
+    workers: int
+    name: str
+    processes: bool
+    local: bool
+
+
 @contextmanager
-def _submitter(scheduler: Any, n_workers: int | None) -> Iterator[tuple[Callable, int, str, bool]]:
-    """``submit(fn, *args) -> future`` for the chosen scheduler, its worker count, its name,
-    and whether its workers are other processes of this machine."""
+def _scheduler(scheduler: Any, n_workers: int | None) -> Iterator[Scheduler]:
+    """The :class:`Scheduler` that ``scheduler`` names, shut down afterwards if started here."""
     check_scheduler(scheduler)
     n_workers = n_workers or os.cpu_count() or 1
     if isinstance(scheduler, str) and scheduler in LOCAL:
         kind = LOCAL[scheduler]
         with _local_pool(kind, n_workers) as submit:
-            yield submit, (1 if kind == "sync" else n_workers), kind, kind == "processes"
+            workers = 1 if kind == "sync" else n_workers
+            processes = kind == "processes"
+            yield Scheduler(submit, workers, kind, processes, processes)
         return
     with _client(scheduler, n_workers) as client:
         workers = client.scheduler_info()["workers"]
         count = max(1, sum(w.get("nthreads", 1) for w in workers.values()))
         link = getattr(client, "dashboard_link", None)
-        where = f"dask {link}" if link else "dask"
-        yield _distributed_submit(client), count, where, _all_local(workers)
+        name = f"dask {link}" if link else "dask"
+        yield Scheduler(_distributed_submit(client), count, name, True, _all_local(workers))
 
 
 def _all_local(workers: dict[str, Any]) -> bool:

@@ -110,6 +110,7 @@ def _ingest(
     on_error: str,
     progress: bool,
     new_ids: bool = False,
+    desc: str = "create",
 ) -> None:
     """Load ``ids`` with ``schema`` and write the results to ``file`` in id order.
 
@@ -119,7 +120,7 @@ def _ingest(
     failures: list[Failure] = []
     try:
         # closing: the scheduler stops now, not when the generator is collected
-        with closing(run_loads(ids, schema, n_workers, scheduler, progress)) as batches:
+        with closing(run_loads(ids, schema, n_workers, scheduler, progress, desc)) as batches:
             for packed in batches:
                 _write_packed(writer, packed, on_error, failures)
     finally:
@@ -142,7 +143,7 @@ def _write_packed(writer: Writer, packed: Packed, on_error: str, failures: list[
             _fail(result, id, on_error, failures)
             continue
         try:
-            writer.append(id, result)
+            writer.append(id, result, flat=True, owned=True)
         except H5DaskError as exc:
             _fail(exc, id, on_error, failures)
 

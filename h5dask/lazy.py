@@ -544,7 +544,7 @@ def map_sources(
     schema = _nest({out: MappedFunction(f, source, out) for out, f in fdict.items()})
     todo = _todo(proxy, destination, list(fdict))
     writer_file = _writer_file(destination) if same else destination
-    _ingest(writer_file, todo, schema, n_workers, scheduler, on_error, progress)
+    _ingest(writer_file, todo, schema, n_workers, scheduler, on_error, progress, desc="map")
     destination.refresh()
     return destination
 

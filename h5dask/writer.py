@@ -134,10 +134,15 @@ class Writer:
         """Number of ids buffered and not yet committed."""
         return self._n_pending
 
-    def append(self, id: str, result: Mapping[str, Any], flat: bool = False) -> None:
+    def append(
+        self, id: str, result: Mapping[str, Any], flat: bool = False, owned: bool = False
+    ) -> None:
         """Buffer a normalised result (a nested dict of arrays) for ``id``.
 
-        ``flat`` says that ``result`` maps paths to arrays already.
+        ``flat`` says that ``result`` maps paths to arrays already; ``owned``
+        that nobody else holds its arrays. Otherwise they are copied, so that
+        what is committed is what was added, whatever the caller does with
+        its arrays afterwards (``tensor.numpy()`` shares a model's memory).
 
         Raises
         ------
@@ -146,7 +151,10 @@ class Writer:
         """
         if not flat:
             result = flatten(result)
-        checked = {path: self._check(id, path, a) for path, a in result.items()}
+        checked = {}
+        for path, array in result.items():
+            stored = self._check(id, path, array)
+            checked[path] = stored if owned or stored is not array else array.copy()
         if checked:
             self._buffer((id, checked), 1, sum(a.nbytes for a in checked.values()))
 

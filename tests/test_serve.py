@@ -222,24 +222,3 @@ def test_bad_items_name_the_cause(path):
         h5m.Input(3)
     with pytest.raises(IndexError, match="out of range"):
         ProgrammableDataset(f, h5m.Input("x", h5m.GetId()))[len(f.x.ids)]
-
-
-def test_train_example_runs(tmp_path):
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "workflows" / "train_example.py"),
-            "--dir",
-            str(tmp_path),
-            "--epochs",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr
-    with h5py.File(tmp_path / "logs.h5", "r") as f:
-        loss = f["loss"]["values"][()]
-    assert len(loss) >= 2 and loss[-1] < loss[0]

@@ -454,3 +454,17 @@ def test_load_runs_the_schema_without_writing(exp):
     assert set(got) == {"rows", "pair", "nested", "word", "doubled", "zeroed"}
     assert np.array_equal(got["doubled"], [4.0] * 3)
     assert Experiment.load("abc")["word"].tolist() == ["abc"]
+
+
+def test_add_stores_what_was_added_even_if_the_caller_mutates_it_later(tmp_path):
+    class Run(h5m.TypedFile):
+        w = h5m.Array()
+
+    weights = np.zeros(4)
+    with Run(tmp_path / "run.h5", mode="w") as run:
+        for epoch in range(3):
+            weights += 1  # in place, as an optimiser step changes a model's tensors
+            run.add(f"epoch-{epoch}", {"w": weights})
+        assert run.w.get("epoch-0").tolist() == [1, 1, 1, 1]
+    with h5py.File(tmp_path / "run.h5") as f:
+        assert f["w/values"][:].tolist() == [1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3]

@@ -26,7 +26,8 @@ def run(script: str, *args: str, cwd: Path) -> str:
 
 
 @pytest.mark.parametrize(
-    "script", ["demo.py", "build_dataset.py", "samples.py", "lazy_analysis.py"]
+    "script",
+    ["demo.py", "build_dataset.py", "samples.py", "lazy_analysis.py", "train_with_logs.py"],
 )
 def test_help(script, tmp_path):
     assert "usage" in run(script, "--help", cwd=tmp_path)
@@ -84,3 +85,19 @@ def test_lazy_analysis_matches_numpy(tmp_path):
         np.testing.assert_allclose(stats[name]["std"], mine.std(axis=(0, 1)), rtol=1e-6)
     out = run("lazy_analysis.py", str(tmp_path / "d.h5"), "--workers", "1", cwd=tmp_path)
     assert "dask dashboard" in out and "brick" in out
+
+
+def test_train_with_logs_logs_each_epoch_and_restores_the_best(tmp_path):
+    out = run("train_with_logs.py", "--dir", str(tmp_path), "--epochs", "2", cwd=tmp_path)
+    with h5py.File(tmp_path / "run.h5") as f:
+        ids = f["__src__/id"].asstr()[:].tolist()
+        accuracy = f["logs/accuracy/values"][:]
+        batches = f["logs/loss/refs"][:]
+        weight = f["checkpoints/linear.weight/values"]
+        assert ids == ["epoch-0", "epoch-1"]
+        assert weight.shape[0] == 2 * weight.shape[0] // 2 and weight.shape[1] == 192
+        first, second = weight[: weight.shape[0] // 2], weight[weight.shape[0] // 2 :]
+    assert not np.array_equal(first, second)  # each epoch's own checkpoint, not the last one
+    assert (batches[:, 1] - batches[:, 0] > 0).all()
+    best = ids[int(np.argmax(accuracy))]
+    assert f"best: {best}; its checkpoint restored scores {accuracy.max():.3f}" in out
