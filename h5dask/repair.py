@@ -123,7 +123,7 @@ class JournaledFile:
 
     def __init__(self, filename: str, lock: bool = True):
         self.name = filename
-        self._f = open(filename, "r+b")  # noqa: SIM115 - closed by close()
+        self._f = open(filename, "r+b", buffering=0)  # noqa: SIM115 - closed by close()
         if lock:
             _lock_data(self._f.fileno(), filename)
         self._journal = os.open(journal_path(filename), os.O_RDWR | os.O_CREAT | os.O_TRUNC)
