@@ -132,6 +132,8 @@ class GroupProxy(Proxy):
             value = child.get(id)
             if value is not None and not (isinstance(value, dict) and not value):
                 out[name] = value
+        if not out:  # no data for this id: nothing to transform
+            return out
         transforms = getattr(self.feature, "__grp_t__", ())
         return reduce(lambda data, t: t(data), transforms, out)
 
