@@ -18,6 +18,7 @@ __all__ = [
     "SchemaError",
     "FileFormatError",
     "SourceError",
+    "DiskFullError",
 ]
 
 
@@ -90,3 +91,7 @@ class FileFormatError(H5DaskError, OSError):
 
 class SourceError(H5DaskError, OSError):
     """A source that cannot be listed or opened (missing file, unreachable URL)."""
+
+
+class DiskFullError(H5DaskError, OSError):
+    """Not enough free disk space to commit the next batch; nothing of it was written."""

@@ -38,6 +38,8 @@ def open_h5(filename: str, mode: str = "r", **h5_kwargs: Any) -> h5py.File:
         raise FileNotFoundError(f"no such file: {filename!r}")
     if on_disk and isinstance(filename, (str, os.PathLike)) and needs_repair(filename):
         _finish_interrupted_commit(os.fspath(filename), mode)
+    if mode == "w" and on_disk and os.path.exists(filename):
+        _refuse_if_locked(filename, h5_kwargs)  # HDF5 truncates before it tries the lock
     try:
         return h5py.File(filename, mode, **h5_kwargs)
     except FileNotFoundError:
@@ -48,6 +50,15 @@ def open_h5(filename: str, mode: str = "r", **h5_kwargs: Any) -> h5py.File:
         if "unable to lock file" in str(exc):
             raise FileFormatError(_locked_message(filename, mode)) from exc
         raise FileFormatError(f"cannot open {filename!r} in mode {mode!r}: {exc}") from exc
+
+
+def _refuse_if_locked(filename: str, h5_kwargs: dict[str, Any]) -> None:
+    """Raise if another process holds ``filename`` open, before mode "w" truncates it."""
+    try:
+        h5py.File(filename, "r+", **h5_kwargs).close()
+    except OSError as exc:
+        if "unable to lock file" in str(exc):
+            raise FileFormatError(_locked_message(filename, "w")) from exc
 
 
 def _finish_interrupted_commit(filename: str, mode: str) -> None:

@@ -12,6 +12,7 @@ is written, so a crash never leaves refs pointing to unwritten data.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import h5py
 import numpy as np
 
 from . import format as fmt
-from .errors import ConcatError
+from .errors import ConcatError, DiskFullError
 from .extract import flatten
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ __all__ = ["Writer", "Spec"]
 
 FLUSH_BYTES = 16 << 20
 FLUSH_SECONDS = 1.0
+SPACE_MARGIN = 4 << 20
 
 
 @dataclass
@@ -246,6 +248,8 @@ class Writer:
         return positions, list(new)
 
     def _write(self, f: h5py.File, blocks: list[Block]) -> None:
+        if self.file._handle.h5_kwargs.get("driver") in (None, "sec2"):
+            _check_space(self.file.filename, blocks)
         if fmt.IDS not in f:
             fmt.init_root(f)
         features = [p for p, node in fmt.read_layout(f).items() if node.kind == "feature"]
@@ -300,6 +304,24 @@ class Writer:
         if group[fmt.REFS].shape[0] < total:
             group[fmt.REFS].resize(total, axis=0)
         fmt.write_ref_rows(group[fmt.REFS], positions[present], table)
+
+
+def _check_space(filename: str, blocks: list[Block]) -> None:
+    """Refuse a batch that cannot fit on the disk, before HDF5 writes any of it.
+
+    HDF5 does not recover from a full disk mid-write (the interpreter can
+    crash); checking first keeps the last commit intact and the error clear.
+    """
+    needed = sum(b.nbytes for b in blocks) * 11 // 10 + SPACE_MARGIN  # data, metadata, journal
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(filename))).free
+    if free < needed:
+        block = blocks[0]
+        raise DiskFullError(
+            f"source {block.ids[0]!r}, feature {next(iter(block.values))!r}: committing the "
+            f"next {sum(len(b.ids) for b in blocks)} sources to {filename!r} needs about "
+            f"{needed >> 20} MiB but the disk has {free >> 20} MiB free; free some space and "
+            "resume with create(..., mode='a')"
+        )
 
 
 def _as_blocks(pending: list[Block | tuple[str, dict[str, np.ndarray]]]) -> list[Block]:

@@ -199,6 +199,8 @@ def test_a_file_held_by_another_writer_is_a_clear_error(tmp_path):
         assert isinstance(info.value.__cause__, OSError)  # h5py's error, chained, not raw
         with pytest.raises(H5DaskError, match="held.h5"):
             h5m.TypedFile(path, mode="r+").add("z", {"row": np.zeros((1, 1), np.int64)}).flush()
+        with pytest.raises(H5DaskError, match="another process is writing it"):
+            build(path, ["c"], {"row": Row()}, mode="w")  # must not truncate it first
     finally:
         holder.kill()
         holder.wait()
@@ -234,8 +236,10 @@ def test_a_full_disk_stops_the_build_and_a_resume_elsewhere_finishes_it(tmp_path
         text=True,
         timeout=120,
     )
-    assert run.returncode != 0  # the build did not pretend to succeed
-    assert "No space left on device" in run.stderr
+    assert run.returncode == 1, run.stderr  # an exception, not a crash of the interpreter
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("h5dask.errors.DiskFullError") and str(full) in last
+    assert "source '" in last and "feature 'big'" in last and "free" in last
     moved = tmp_path / "moved.h5"  # resume on a larger disk
     for name in os.listdir(small_disk):
         shutil.copy(small_disk / name, tmp_path / name.replace("full.h5", "moved.h5"))
