@@ -64,17 +64,19 @@ class ConcatError(SourceFeatureError, ValueError):
 class UnknownIdError(H5DaskError, KeyError):
     """An id that the file does not hold."""
 
-    def __init__(self, id: object, filename: str = ""):
+    def __init__(self, id: object, filename: str = "", feature: str = ""):
         self.id = id
         self.filename = filename
+        self.feature = feature
+        what = f", feature {feature!r}" if feature else ""
         where = f" in {filename!r}" if filename else ""
-        super().__init__(f"unknown id {id!r}{where}")
+        super().__init__(f"unknown id {id!r}{what}{where}: the file holds no such source")
 
     def __str__(self) -> str:
         return str(self.args[0])
 
     def __reduce__(self):
-        return type(self), (self.id, self.filename)
+        return type(self), (self.id, self.filename, self.feature)
 
 
 class ReadOnlyError(H5DaskError, PermissionError):

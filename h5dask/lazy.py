@@ -273,7 +273,7 @@ def _region(proxy: DatasetProxy, id: str | int) -> slice | None:
     id = proxy._check_id(id)
     position = proxy.file.index.get(id)
     if position is None:
-        raise UnknownIdError(id, proxy.file.filename)
+        raise UnknownIdError(id, proxy.file.filename, proxy.path)
     return proxy.refs[position]
 
 

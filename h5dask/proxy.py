@@ -52,7 +52,7 @@ class Proxy:
         if isinstance(id, (int, np.integer)) and not isinstance(id, bool):
             ids = self.file.index.ids
             if not -len(ids) <= id < len(ids):
-                raise UnknownIdError(id, self.file.filename)
+                raise UnknownIdError(id, self.file.filename, self.path)
             return str(ids[id])
         if not isinstance(id, str):
             raise TypeError(f"ids are str (or the int position of an id), not {type(id).__name__}")
@@ -124,7 +124,7 @@ class GroupProxy(Proxy):
         """
         id = self._check_id(id)
         if id not in self.file.index:
-            raise UnknownIdError(id, self.file.filename)
+            raise UnknownIdError(id, self.file.filename, self.path)
         out = {}
         for name, child in self.children.items():
             if isinstance(child, DatasetProxy) and not child.has_refs:
@@ -253,7 +253,7 @@ class DatasetProxy(Proxy):
         id = self._check_id(id)
         position = self.file.index.get(id)
         if position is None:
-            raise UnknownIdError(id, self.file.filename)
+            raise UnknownIdError(id, self.file.filename, self.path)
         region = self.refs[position]
         return None if region is None else self[region]
 
@@ -395,7 +395,7 @@ class RefTable:
         if isinstance(item, str):
             position = self.proxy.file.index.get(item)
             if position is None:
-                raise UnknownIdError(item, self.proxy.file.filename)
+                raise UnknownIdError(item, self.proxy.file.filename, self.proxy.path)
             item = position
         if isinstance(item, (int, np.integer)):
             start, stop = self.array[item]

@@ -171,6 +171,10 @@ def test_unknown_id(logs):
         logs.x.refs["nope"]  # noqa: B018
     with pytest.raises(UnknownIdError):
         logs.x.get(5)
+    for proxy in (logs.x, logs.s):  # a feature's lookup names the feature too
+        with pytest.raises(UnknownIdError) as error:
+            proxy.get("nope")
+        check(error, "'nope'", f"feature {proxy.path!r}", logs.filename, "no such source")
     assert snapshot(logs.filename) == before
 
 
