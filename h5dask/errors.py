@@ -19,6 +19,7 @@ __all__ = [
     "FileFormatError",
     "SourceError",
     "DiskFullError",
+    "StaleFileError",
 ]
 
 
@@ -97,3 +98,26 @@ class SourceError(H5DaskError, OSError):
 
 class DiskFullError(H5DaskError, OSError):
     """Not enough free disk space to commit the next batch; nothing of it was written."""
+
+
+class StaleFileError(H5DaskError):
+    """The file under a dask collection moved or changed since the collection was built.
+
+    Parameters
+    ----------
+    filename : str
+        The file the collection reads.
+    feature : str
+        The feature (or dataset) path, e.g. ``"data/images"``.
+    cause : str
+        What changed, in words.
+    """
+
+    def __init__(self, filename: str, feature: str, cause: str):
+        self.filename = filename
+        self.feature = feature
+        self.cause = cause
+        super().__init__(f"file {filename!r}, feature {feature!r}: {cause}")
+
+    def __reduce__(self):
+        return type(self), (self.filename, self.feature, self.cause)

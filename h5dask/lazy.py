@@ -34,7 +34,14 @@ from dask.base import tokenize
 from dask.utils import parse_bytes
 
 from . import format as fmt
-from .errors import FileFormatError, H5DaskError, LoadError, ReadOnlyError, UnknownIdError
+from .errors import (
+    FileFormatError,
+    H5DaskError,
+    LoadError,
+    ReadOnlyError,
+    StaleFileError,
+    UnknownIdError,
+)
 from .feature import Feature, Group
 from .handle import FileHandle, open_h5
 from .index import IdIndex
@@ -43,30 +50,7 @@ if TYPE_CHECKING:
     from .proxy import DatasetProxy
     from .typed_file import TypedFile
 
-__all__ = ["StaleFileError", "StoredArray", "to_dask", "to_bag", "file_to_dask", "map_sources"]
-
-
-class StaleFileError(H5DaskError):
-    """The file under a dask collection moved or changed since the collection was built.
-
-    Parameters
-    ----------
-    filename : str
-        The file the collection reads.
-    feature : str
-        The feature (or dataset) path, e.g. ``"data/images"``.
-    cause : str
-        What changed, in words.
-    """
-
-    def __init__(self, filename: str, feature: str, cause: str):
-        self.filename = filename
-        self.feature = feature
-        self.cause = cause
-        super().__init__(f"file {filename!r}, feature {feature!r}: {cause}")
-
-    def __reduce__(self):
-        return type(self), (self.filename, self.feature, self.cause)
+__all__ = ["StoredArray", "to_dask", "to_bag", "file_to_dask", "map_sources"]
 
 
 # -- reading one dataset by path, checked against a snapshot ---------------------------------------

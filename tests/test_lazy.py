@@ -15,8 +15,7 @@ from distributed import Client, LocalCluster
 
 import h5dask as h5m
 from h5dask import format as fmt
-from h5dask.errors import UnknownIdError
-from h5dask.lazy import StaleFileError
+from h5dask.errors import StaleFileError, UnknownIdError
 
 N_IDS = 120
 ROWS_PER_CHUNK = 16
