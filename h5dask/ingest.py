@@ -49,10 +49,9 @@ def create(
     file = cls(filename, mode=mode, schema=schema, **h5_kwargs)
     for feature in schema.values():
         feature.before_create(ids)
-    with file._handle.open(write=True) as f:
-        file._init_schema(f)
     todo = [i for i, pos in zip(ids, file.index.positions(ids), strict=True) if pos < 0]
     with file._handle.open(write=True) as f:
+        file._init_schema(f)
         _forget_failures(f, set(todo))
     _ingest(file, todo, schema, n_workers, scheduler, on_error, progress, new_ids=True)
     _after_create(file, schema)
