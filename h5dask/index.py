@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from functools import cached_property
 
 import numpy as np
@@ -10,14 +10,18 @@ from numpy.dtypes import StringDType
 
 __all__ = ["IdIndex"]
 
+BLOCK = 1 << 16
+
 
 def utf8_keys(ids: object) -> np.ndarray:
     """Ids as a fixed-width bytes array of their UTF-8 encodings."""
-    array = np.asarray(ids)
-    if array.dtype.kind == "S":
-        return array
-    if array.dtype.kind == "O" and all(isinstance(x, bytes) for x in array.flat):
-        return array.astype("S") if array.size else np.array([], dtype="S1")
+    if isinstance(ids, np.ndarray) and ids.dtype.kind == "S":
+        return ids
+    array = np.asarray(ids, dtype=object)  # not "U": 4 bytes a character of the longest id
+    if array.size and all(isinstance(x, bytes) for x in array.flat):
+        return array.astype("S")
+    if not array.size:
+        return np.array([], dtype="S1")
     return np.strings.encode(array.astype(StringDType()), "utf-8")
 
 
@@ -70,14 +74,21 @@ class IdIndex(Mapping[str, int]):
     def __iter__(self) -> Iterator[str]:
         return iter(self.ids.tolist())
 
-    def positions(self, ids: object) -> np.ndarray:
-        """Positions of many ids at once; ``-1`` where an id is absent."""
-        keys = utf8_keys(ids)
-        if not len(self._sorted) or not len(keys):
-            return np.full(len(keys), -1, dtype=np.int64)
-        i = np.searchsorted(self._sorted, keys).clip(0, len(self._sorted) - 1)
-        found = self._sorted[i] == keys
-        return np.where(found, self._order[i], -1).astype(np.int64)
+    def positions(self, ids: Sequence[str] | np.ndarray) -> np.ndarray:
+        """Positions of many ids at once; ``-1`` where an id is absent.
+
+        Ids are looked up by blocks of :data:`BLOCK`, so that the memory this
+        takes does not grow with the number of ids asked for.
+        """
+        out = np.full(len(ids), -1, dtype=np.int64)
+        if not len(self._sorted):
+            return out
+        for start in range(0, len(ids), BLOCK):
+            keys = utf8_keys(ids[start : start + BLOCK])
+            i = np.searchsorted(self._sorted, keys).clip(0, len(self._sorted) - 1)
+            found = self._sorted[i] == keys
+            out[start : start + len(keys)] = np.where(found, self._order[i], -1)
+        return out
 
     def __repr__(self) -> str:
         return f"<IdIndex of {len(self)} ids>"
