@@ -252,9 +252,11 @@ class TypedFile:
     def add(self, id: str, data: dict[str, Any]) -> TypedFile:
         """Add ``data``, a (nested) dict by feature name, for ``id``.
 
-        Writes are buffered and committed in batches: on :meth:`flush`,
-        :meth:`close`, any read through this object, after about a second,
-        and at interpreter exit.
+        An add is committed at once when the last commit is more than a
+        second old, so occasional adds (logs of each epoch) reach the disk
+        immediately; a burst of adds is buffered and committed in batches,
+        at the latest on the next add a second later, :meth:`flush`,
+        :meth:`close`, any read through this object, or interpreter exit.
         """
         self._add(id, data)
         return self

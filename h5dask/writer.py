@@ -11,6 +11,7 @@ is written, so a crash never leaves refs pointing to unwritten data.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -104,8 +105,9 @@ class Writer:
     flush_bytes : int, optional
         Flush once this many bytes are buffered (default :data:`FLUSH_BYTES`).
     flush_seconds : float or None
-        Flush on an ``append`` when the oldest buffered result is this old,
-        so that results added interactively reach the disk soon.
+        Flush on an ``append`` when the last flush is this old: occasional
+        results (a log line each epoch) reach the disk at once, and a burst of
+        them is committed in batches at most this far apart.
     new_ids : bool
         Promise that no appended id is in the file or appended twice (as in
         ``create``, which skips committed ids): the writer then never reads
@@ -127,7 +129,7 @@ class Writer:
         self._n_pending = 0
         self._specs: dict[str, Spec] = {}
         self._bytes = 0
-        self._since = 0.0
+        self._last_flush = -math.inf
         self._trimmed = False
         self.pid = os.getpid()
 
@@ -185,13 +187,12 @@ class Writer:
         self._buffer(block, len(block.ids), block.nbytes)
 
     def _buffer(self, entry: Block | tuple[str, dict], n_ids: int, nbytes: int) -> None:
-        if not self._pending:
-            self._since = time.monotonic()
         self._pending.append(entry)
         self._n_pending += n_ids
         self._bytes += nbytes
         if self._bytes >= self.flush_bytes or (
-            self.flush_seconds is not None and time.monotonic() - self._since >= self.flush_seconds
+            self.flush_seconds is not None
+            and time.monotonic() - self._last_flush >= self.flush_seconds
         ):
             self.flush()
 
@@ -201,6 +202,7 @@ class Writer:
             return
         blocks = _as_blocks(self._pending)
         self._pending, self._n_pending, self._bytes = [], 0, 0
+        self._last_flush = time.monotonic()
         try:
             with self.file._handle.open(write=True) as f:
                 self._write(f, blocks)

@@ -6,6 +6,7 @@ import multiprocessing
 import pickle
 import subprocess
 import sys
+import time
 
 import h5py
 import numpy as np
@@ -279,18 +280,19 @@ def test_add_buffers_until_read_flush_or_close(tmp_path):
         loss = h5m.Array()
 
     logs = Logs(path, mode="w")
+    logs.add("first", {"loss": np.zeros(1)})  # committed at once: see the test below
     logs.add("0", {"loss": np.zeros(3)})
     with h5py.File(path, "r") as h:
-        assert h["__src__/id"].shape == (0,)  # buffered, not yet on disk
+        assert h["__src__/id"].shape == (1,)  # buffered, not yet on disk
     assert logs.loss.get("0").tolist() == [0.0] * 3  # a read through the object commits
     logs.add("1", {"loss": np.ones(1)})
     logs.flush()
     with h5py.File(path, "r") as h:
-        assert h["__src__/id"].asstr()[:].tolist() == ["0", "1"]
+        assert h["__src__/id"].asstr()[:].tolist() == ["first", "0", "1"]
     logs.add("2", {"loss": np.ones(1)})
     logs.close()
     with h5py.File(path, "r") as h:
-        assert h["loss/refs"][2].tolist() == [4, 5]
+        assert h["loss/refs"][3].tolist() == [5, 6]
 
 
 def test_add_is_committed_at_exit(tmp_path):
@@ -468,3 +470,21 @@ def test_add_stores_what_was_added_even_if_the_caller_mutates_it_later(tmp_path)
         assert run.w.get("epoch-0").tolist() == [1, 1, 1, 1]
     with h5py.File(tmp_path / "run.h5") as f:
         assert f["w/values"][:].tolist() == [1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3]
+
+
+def test_occasional_adds_reach_the_disk_at_once_bursts_within_a_second(tmp_path):
+    class Logs(h5m.TypedFile):
+        loss = h5m.Array()
+
+    def on_disk() -> list[str]:
+        with h5py.File(tmp_path / "logs.h5", "r") as f:
+            return f["__src__/id"].asstr()[:].tolist()
+
+    logs = Logs(tmp_path / "logs.h5", mode="w")
+    logs.add("epoch-0", {"loss": np.array([1.0])})
+    assert on_disk() == ["epoch-0"]  # the first add in a while: committed at once
+    logs.add("epoch-1", {"loss": np.array([0.5])})
+    assert on_disk() == ["epoch-0"]  # a burst: buffered
+    time.sleep(1.1)
+    logs.add("epoch-2", {"loss": np.array([0.2])})
+    assert on_disk() == ["epoch-0", "epoch-1", "epoch-2"]
