@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -66,3 +67,12 @@ def memory_fs():
     clear()
     yield fsspec.filesystem("memory")
     clear()
+
+
+@pytest.fixture
+def dead_url() -> str:
+    """The URL of a port on 127.0.0.1 where nothing listens."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"

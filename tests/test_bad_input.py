@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import uuid
@@ -79,14 +78,6 @@ def images(tmp_path):
     return root
 
 
-@pytest.fixture
-def dead_url():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}/x.png"
-
-
 def test_a_corrupt_image_names_source_feature_and_cause(tmp_path, images):
     sources = [str(images / "0.png"), str(images / "corrupt.png"), str(images / "1.png")]
     path = tmp_path / "c.h5"
@@ -104,7 +95,7 @@ def test_every_kind_of_bad_source_is_recorded_with_skip(tmp_path, images, dead_u
     bad = {
         str(images / "corrupt.png"): ("image", "UnidentifiedImageError"),
         str(images / "missing.png"): ("image", "missing.png"),
-        dead_url: ("image", "127.0.0.1"),
+        f"{dead_url}/x.png": ("image", "127.0.0.1"),
         "raise-1": ("kind", "RuntimeError: cannot read raise-1"),
         "list-1": ("kind", "list"),
         "wide-1": ("kind", "(1, 4)"),

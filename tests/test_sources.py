@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import time
 import warnings
 from pathlib import Path
@@ -33,15 +32,6 @@ def tree(tmp_path, monkeypatch):
     (tmp_path / "data" / "empty").mkdir()
     monkeypatch.chdir(tmp_path)
     return tmp_path
-
-
-@pytest.fixture
-def dead_url():
-    """The URL of a port on 127.0.0.1 where nothing listens."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
 
 
 def expected(prefix: str, names=TREE) -> list[str]:
