@@ -365,6 +365,15 @@ class TypedFile:
     # -- internals used by proxies and the writer -----------------------------------------------
 
     def _add(self, id: str, data: Any) -> None:
+        writer = self._writer
+        if (  # the fast path: more arrays for features this writer already checked
+            writer is not None
+            and type(id) is str
+            and type(data) is dict
+            and writer.pid == os.getpid()
+            and writer.append_known(id, data)
+        ):
+            return
         if not isinstance(id, str):
             raise TypeError(f"ids are str, not {type(id).__name__}")
         flat = _flat_arrays(data)

@@ -162,6 +162,28 @@ class Writer:
         if checked:
             self._buffer((id, checked), 1, sum(a.nbytes for a in checked.values()))
 
+    def append_known(self, id: str, data: dict[str, Any]) -> bool:
+        """Buffer a copy of ``data`` if it maps known features to arrays that fit them as
+        they are; return whether it did (the fast path of ``add``, else :meth:`append`)."""
+        copies = {}
+        nbytes = 0
+        for path, array in data.items():
+            spec = self._specs.get(path)
+            if (
+                spec is None
+                or type(array) is not np.ndarray
+                or array.dtype != spec.dtype
+                or array.shape[1:] != spec.trailing
+                or not array.ndim
+            ):
+                return False
+            copies[path] = array.copy()
+            nbytes += array.nbytes
+        if not copies:
+            return False
+        self._buffer((id, copies), 1, nbytes)
+        return True
+
     def append_block(
         self, ids: list[str], values: Mapping[str, np.ndarray], rows: Mapping[str, np.ndarray]
     ) -> None:
@@ -241,9 +263,12 @@ class Writer:
 
     def _positions(self, ids: list[str], n: int) -> tuple[np.ndarray, list[str]]:
         """Each id's position on the ids axis, and the new ids in order."""
-        if self.new_ids or (n == 0 and len(set(ids)) == len(ids)):
+        unique = self.new_ids or len(set(ids)) == len(ids)
+        if self.new_ids or (n == 0 and unique):
             return np.arange(n, n + len(ids)), ids
         positions = self.file._committed_index().positions(ids)
+        if unique and (positions < 0).all():  # only new ids, each once: the usual add
+            return np.arange(n, n + len(ids)), ids
         new: dict[str, int] = {}
         for k in np.flatnonzero(positions < 0).tolist():
             positions[k] = new.setdefault(ids[k], n + len(new))
