@@ -101,7 +101,7 @@ def _normalize_dict(value: Mapping, source: Any, path: str) -> Result | None:
             raise ResultTypeError(
                 str(source), path, f"load() returned a dict with key {key!r}; keys must be names"
             )
-        item = normalize(item, source, f"{path}/{key}")
+        item = normalize(item, source, f"{path}/{key}" if path else key)
         if item is not None:
             out[key] = item
     return out or None

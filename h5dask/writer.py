@@ -172,6 +172,7 @@ class Writer:
             if (
                 spec is None
                 or type(array) is not np.ndarray
+                or array.dtype.kind in "OV"  # objects are checked one by one
                 or array.dtype != spec.dtype
                 or array.shape[1:] != spec.trailing
                 or not array.ndim

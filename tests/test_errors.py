@@ -263,3 +263,17 @@ def test_skip_records_failures_and_goes_on(tmp_path):
             scheduler="sync",
             progress=False,
         )
+
+
+def test_a_bad_object_array_after_good_strings_is_refused_alone(tmp_path):
+    class Notes(h5m.TypedFile):
+        note = h5m.String()
+
+    with Notes(tmp_path / "n.h5", mode="w") as notes:
+        notes.add("a", {"note": np.array(["fine"], dtype=object)})
+        notes.add("b", {"note": np.array(["also fine"], dtype=object)})
+        with pytest.raises(h5m.errors.ResultTypeError) as error:
+            notes.add("c", {"note": np.array([object()], dtype=object)})
+        check(error, "'c'", "'note'", "object array")
+        assert notes.note.get("b").tolist() == ["also fine"]
+        assert notes.ids.tolist() == ["a", "b"]
