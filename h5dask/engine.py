@@ -239,11 +239,12 @@ class Partitions:
         self.size = min(most, FIRST_PARTITION)
         self._ids_seen = self._bytes_seen = 0
 
-    def __iter__(self) -> Iterator[list[str]]:
+    def __iter__(self) -> Iterator[range]:
+        """Positions of the ids of each partition, sized when it is asked for."""
         start = 0
         while start < len(self.ids):
-            stop = start + self.size
-            yield self.ids[start:stop]
+            stop = min(start + self.size, len(self.ids))
+            yield range(start, stop)
             start = stop
 
     def observe(self, packed: Packed) -> None:
@@ -286,9 +287,8 @@ def run_loads(
         parts = Partitions(ids, partition_size(len(ids), where.workers))
         name = f"{desc} ({where.name})"
         with tqdm(total=len(ids), disable=not progress, unit="src", desc=name) as bar:
-            window = 2 * where.workers + 2
-            tasks = _in_order(where.submit, parts, schema, spill, window, where.processes)
-            for packed in tasks:
+            calls = _calls(where, ids, parts, schema, spill)
+            for packed in _in_order(where.submit, calls, window=2 * where.workers + 2):
                 parts.observe(packed)
                 yield packed.unspill()
                 bar.update(len(packed.ids))
@@ -305,38 +305,88 @@ def _spill_folder(local: bool) -> Iterator[str | None]:
         yield d
 
 
-def _in_order(
-    submit: Callable,
-    parts: Iterable[list[str]],
-    schema: dict[str, Feature],
-    spill: str | None,
-    window: int,
-    pickled: bool = False,
-) -> Iterator[Packed]:
-    """Results of ``parts`` in order, at most ``window`` tasks in flight.
-
-    ``pickled``: the workers are other processes; the schema is sent as bytes
-    that the task unpickles, so that a failure to unpickle is the task's error.
-    """
+def _in_order(submit: Callable, calls: Iterable[tuple], window: int) -> Iterator[Packed]:
+    """The results of ``calls`` (``(fn, *args)`` tuples) in order, at most ``window`` in flight."""
     queue: deque = deque()
-    todo = iter(parts)
-    task, features = (
-        (_load_pickled, cloudpickle.dumps(schema)) if pickled else (load_partition, schema)
-    )
+    todo = iter(calls)
     try:
-        for part in todo:
-            queue.append(submit(task, part, features, spill))
+        for call in todo:
+            queue.append(submit(*call))
             if len(queue) >= window:
                 break
         while queue:
             packed = queue.popleft().result()
-            part = next(todo, None)
-            if part is not None:
-                queue.append(submit(task, part, features, spill))
+            call = next(todo, None)
+            if call is not None:
+                queue.append(submit(*call))
             yield packed
     finally:
         for future in queue:
             future.cancel()
+
+
+def _calls(
+    where: Scheduler,
+    ids: list[str],
+    parts: Iterable[range],
+    schema: dict[str, Feature],
+    spill: str | None,
+) -> Iterator[tuple]:
+    """The task of each partition, as ``(fn, *args)``, made when it is submitted.
+
+    In this process the schema and the ids go as they are. Other processes get
+    the schema as bytes that the task unpickles, so that a failure to unpickle
+    is that task's error. On a distributed cluster the ids and the schema are
+    scattered once and each task names its range of positions: the scheduler,
+    which keeps a record of every task it ran, keeps a few numbers per task
+    instead of a copy of its ids.
+    """
+    if not where.processes:
+        for r in parts:
+            yield load_partition, ids[r.start : r.stop], schema, spill
+        return
+    payload = cloudpickle.dumps(schema)
+    if where.share is None:
+        for r in parts:
+            yield _load_pickled, ids[r.start : r.stop], payload, spill
+        return
+    shared_ids, shared_payload = where.share(IdTable(ids)), where.share(payload)
+    for r in parts:
+        yield _load_range, shared_ids, r.start, r.stop, shared_payload, spill
+
+
+def _load_range(ids: IdTable, start: int, stop: int, payload: bytes, spill: str | None) -> Packed:
+    """:func:`_load_pickled` of ``ids[start:stop]`` (ids scattered to the workers once)."""
+    return _load_pickled(ids[start:stop], payload, spill)
+
+
+class IdTable:
+    """Ids packed in one UTF-8 buffer and an offsets array: two buffers to send, not a
+    Python object per id, and sliced by position.
+
+    Examples
+    --------
+    >>> IdTable(["a", "bé", "c"])[1:3]
+    ['bé', 'c']
+    """
+
+    def __init__(self, ids: list[str]):
+        self.blob = np.frombuffer("".join(ids).encode("utf-8"), dtype=np.uint8)
+        lengths = np.fromiter((len(id.encode("utf-8")) for id in ids), np.int64, len(ids))
+        self.offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=self.offsets[1:])
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, part: slice) -> list[str]:
+        bounds = self.offsets[part.start : part.stop + 1].tolist()
+        text = self.blob[bounds[0] : bounds[-1]].tobytes()
+        start = bounds[0]
+        return [
+            text[a - start : b - start].decode("utf-8")
+            for a, b in zip(bounds, bounds[1:], strict=False)
+        ]
 
 
 def check_scheduler(scheduler: Any) -> None:
@@ -373,7 +423,9 @@ class Scheduler:
 
     ``submit(fn, *args)`` returns a future; ``workers`` run at once;
     ``processes``: they are other processes (the schema travels pickled);
-    ``local``: processes of this machine (results can go through shared memory).
+    ``local``: processes of this machine (results can go through shared memory);
+    ``share(obj)``: where it exists, puts ``obj`` on every worker once and
+    returns a reference that tasks take in its place.
     """
 
     submit: Callable
@@ -381,6 +433,7 @@ class Scheduler:
     name: str
     processes: bool
     local: bool
+    share: Callable[[Any], Any] | None = None
 
 
 @contextmanager
@@ -400,7 +453,8 @@ def _scheduler(scheduler: Any, n_workers: int | None) -> Iterator[Scheduler]:
         count = max(1, sum(w.get("nthreads", 1) for w in workers.values()))
         link = getattr(client, "dashboard_link", None)
         name = f"dask {link}" if link else "dask"
-        yield Scheduler(_distributed_submit(client), count, name, True, _all_local(workers))
+        submit, share = _distributed_submit(client), _scatterer(client)
+        yield Scheduler(submit, count, name, True, _all_local(workers), share)
 
 
 def _all_local(workers: dict[str, Any]) -> bool:
@@ -490,6 +544,15 @@ def _client(scheduler: Any, n_workers: int) -> Iterator[Any]:
         distributed.Client(cluster, set_as_default=False) as client,
     ):
         yield client
+
+
+def _scatterer(client: Any) -> Callable[[Any], Any]:
+    """``share(obj)``: a future of ``obj`` held by every worker."""
+
+    def share(obj: Any) -> Any:
+        return client.scatter([obj], broadcast=True, hash=False)[0]
+
+    return share
 
 
 def _distributed_submit(client: Any) -> Callable:

@@ -673,7 +673,8 @@ def test_the_window_bounds_partitions_in_flight_and_keeps_order():
 
         window = 3
         seen = []
-        for k, packed in enumerate(engine._in_order(submit, parts, {"x": Ragged()}, None, window)):
+        calls = ((engine.load_partition, part, {"x": Ragged()}, None) for part in parts)
+        for k, packed in enumerate(engine._in_order(submit, calls, window)):
             assert len(submitted) <= window + k + 1  # at most `window` partitions in flight
             assert packed.ids == parts[k]  # in order, whatever finished first
             seen.extend(id for id, _ in packed)
@@ -690,7 +691,8 @@ def test_closing_the_window_cancels_what_has_not_started():
             futures.append(pool.submit(slow(fn), *args))
             return futures[-1]
 
-        loads = engine._in_order(submit, parts, {"where": Where()}, None, window=4)
+        calls = ((engine.load_partition, part, {"where": Where()}, None) for part in parts)
+        loads = engine._in_order(submit, calls, window=4)
         next(loads)
         loads.close()
         assert len(futures) == 5
@@ -720,15 +722,16 @@ def test_partitions_shrink_to_a_byte_budget_once_results_are_seen():
     sizes = []
     for part in parts:
         sizes.append(len(part))
-        parts.observe(engine.load_partition(part, {"x": Filler(1 << 20)}))
+        parts.observe(engine.load_partition(ids[part.start : part.stop], {"x": Filler(1 << 20)}))
     assert sizes[0] == engine.FIRST_PARTITION
     assert set(sizes[1:-1]) == {engine.PARTITION_BYTES >> 20}
     assert sum(sizes) == len(ids)
-    small = engine.Partitions([str(i) for i in range(2000)], most=512)
+    many = [str(i) for i in range(2000)]
+    small = engine.Partitions(many, most=512)
     sizes = []
     for part in small:
         sizes.append(len(part))
-        small.observe(engine.load_partition(part, {"x": Filler(64)}))
+        small.observe(engine.load_partition(many[part.start : part.stop], {"x": Filler(64)}))
     assert sizes[:2] == [engine.FIRST_PARTITION, 512]
 
 
@@ -785,3 +788,11 @@ def test_features_the_workers_cannot_import_are_a_clear_error(tmp_path, client, 
     assert "importable on the workers" in str(info.value)
     assert time.monotonic() - start < 30  # an error, not workers dying over and over
     assert plain_ids(tmp_path / "u.h5") == []
+
+
+def test_id_table_slices_like_the_list_it_packs():
+    ids = ["a", "bé", "", "dir/ü 1.png", "x" * 300] * 20
+    table = engine.IdTable(ids)
+    assert len(table) == len(ids) and table.blob.dtype == np.uint8
+    for start, stop in [(0, 5), (2, 3), (3, 3), (7, 100), (99, 100)]:
+        assert table[start:stop] == ids[start:stop]
