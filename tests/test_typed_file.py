@@ -281,6 +281,7 @@ def test_add_buffers_until_read_flush_or_close(tmp_path):
 
     logs = Logs(path, mode="w")
     logs.add("first", {"loss": np.zeros(1)})  # committed at once: see the test below
+    logs._get_writer().flush_seconds = 60.0  # no commit by age in this test
     logs.add("0", {"loss": np.zeros(3)})
     with h5py.File(path, "r") as h:
         assert h["__src__/id"].shape == (1,)  # buffered, not yet on disk
