@@ -15,15 +15,14 @@ import uuid
 import fsspec
 import h5py
 import numpy as np
+import PIL.Image as PIL_Image
 import pytest
+import soundfile as sf
 
 from h5dask.features import Bytes, DirLabels, Image, Npy, Sound, TensorDict, Text, VShape
 from h5dask.features.arrays import decode_strings
 from h5dask.features.labels import parent_name
 from h5dask.features.sound import resample_linear
-
-PIL_Image = pytest.importorskip("PIL.Image")
-sf = pytest.importorskip("soundfile")
 
 LOCATIONS = ["local", "memory"]
 
@@ -153,7 +152,8 @@ def test_image_missing_source_raises(tmp_path):
 
 
 def test_image_plot_returns_figure(rng):
-    matplotlib = pytest.importorskip("matplotlib")
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -368,7 +368,9 @@ def test_sound_attrs_and_errors(put):
 
 @pytest.fixture
 def torch():
-    return pytest.importorskip("torch")
+    import torch
+
+    return torch
 
 
 def torch_bytes(obj, torch) -> bytes:
