@@ -283,7 +283,7 @@ class DatasetProxy(Proxy):
         position = self.file.index.get(id)
         region = None if position is None else self.refs[position]
         if region is not None and region.stop - region.start == len(array):
-            checked = self.file._spec(self.path).check(array, id, self.path)
+            checked = self.file._get_writer().check(id, self.path, array)
             self.file._write(self.values_path, region, checked)
         else:
             self.file._add(id, self._nest(array))

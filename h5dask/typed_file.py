@@ -20,7 +20,7 @@ from .feature import Feature, Group
 from .handle import FileHandle, as_reader, open_h5
 from .index import IdIndex
 from .proxy import DatasetProxy, GroupProxy, Proxy
-from .writer import Spec, Writer
+from .writer import Writer
 
 __all__ = ["TypedFile", "Failure"]
 
@@ -461,10 +461,6 @@ class TypedFile:
         with self._handle.open() as f:
             obj = fmt.hard_get(f, path)
             return fmt.read_attrs(obj) if obj is not None else {}
-
-    def _spec(self, path: str) -> Spec:
-        node = self._layout()[path]
-        return Spec(node.dtype, node.shape[1:], self._ds_kwargs(path).get("dtype") is not None)
 
     def _children(self, path: str) -> list[str]:
         names: dict[str, None] = {}

@@ -157,7 +157,7 @@ class Writer:
             result = flatten(result)
         checked = {}
         for path, array in result.items():
-            stored = self._check(id, path, array)
+            stored = self.check(id, path, array)
             checked[path] = stored if owned or stored is not array else array.copy()
         if checked:
             self._buffer((id, checked), 1, sum(a.nbytes for a in checked.values()))
@@ -199,7 +199,7 @@ class Writer:
         checked = {}
         for path, array in values.items():
             first = ids[int(np.argmax(rows[path] >= 0))]
-            checked[path] = self._check(first, path, array)
+            checked[path] = self.check(first, path, array)
         if not checked:
             return
         has_data = np.logical_or.reduce([r >= 0 for r in rows.values()])
@@ -233,7 +233,14 @@ class Writer:
             self._specs.clear()
             self.file._invalidate()
 
-    def _check(self, id: str, path: str, array: np.ndarray) -> np.ndarray:
+    def check(self, id: str, path: str, array: np.ndarray) -> np.ndarray:
+        """``array`` cast to the dataset of ``path`` (or to what its first write will create).
+
+        Raises
+        ------
+        ConcatError
+            The array's trailing shape or dtype does not fit, naming ``id`` and ``path``.
+        """
         spec = self._specs.get(path) or self._spec_in_file(id, path)
         if spec is None:
             spec = self._new_spec(path, array)
