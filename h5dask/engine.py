@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from .errors import H5DaskError, SchemaError
 from .extract import flatten, load_schema
 from .feature import Feature
+from .writer import concat_rows
 
 __all__ = [
     "run_loads",
@@ -208,8 +209,7 @@ def _pack(ids: list[str], results: list[dict[str, np.ndarray]], errors: dict) ->
         arrays = [r.get(path) for r in results]
         present = [a for a in arrays if a is not None]
         if len({(a.dtype, a.shape[1:]) for a in present}) == 1 and present[0].dtype.kind != "O":
-            packed.values[path] = np.concatenate(present)
-            packed.rows[path] = np.array([-1 if a is None else len(a) for a in arrays])
+            packed.values[path], packed.rows[path] = concat_rows(arrays)
         else:
             packed.loose[path] = {k: a for k, a in enumerate(arrays) if a is not None}
     return packed

@@ -31,7 +31,7 @@ from .extract import flatten
 if TYPE_CHECKING:
     from .typed_file import TypedFile
 
-__all__ = ["Writer", "Spec"]
+__all__ = ["Writer", "Spec", "Block", "concat_rows"]
 
 FLUSH_BYTES = 16 << 20
 FLUSH_SECONDS = 1.0
@@ -379,14 +379,25 @@ def _block_of(run: list[tuple[str, dict[str, np.ndarray]]]) -> Block:
     flats = [flat for _, flat in run]
     values, rows = {}, {}
     for path in dict.fromkeys(chain.from_iterable(flats)):
-        arrays = [flat.get(path) for flat in flats]
-        present = [a for a in arrays if a is not None]
-        if len(present) == len(arrays):
-            rows[path] = np.fromiter(map(len, arrays), np.int64, len(arrays))
-        else:
-            rows[path] = np.array([-1 if a is None else len(a) for a in arrays], dtype=np.int64)
-        values[path] = np.concatenate(present)
+        values[path], rows[path] = concat_rows([flat.get(path) for flat in flats])
     return Block([id for id, _ in run], values, rows)
+
+
+def concat_rows(arrays: list[np.ndarray | None]) -> tuple[np.ndarray, np.ndarray]:
+    """The arrays of consecutive ids concatenated, and each id's row count (``-1``: None).
+
+    Examples
+    --------
+    >>> values, rows = concat_rows([np.zeros(2), None, np.ones(1)])
+    >>> values.tolist(), rows.tolist()
+    ([0.0, 0.0, 1.0], [2, -1, 1])
+    """
+    present = [a for a in arrays if a is not None]
+    if len(present) == len(arrays):
+        rows = np.fromiter(map(len, arrays), np.int64, len(arrays))
+    else:
+        rows = np.array([-1 if a is None else len(a) for a in arrays], dtype=np.int64)
+    return np.concatenate(present), rows
 
 
 def _to_str(value: Any) -> Any:
