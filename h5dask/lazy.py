@@ -43,7 +43,7 @@ from .errors import (
     UnknownIdError,
 )
 from .feature import Feature, Group
-from .handle import FileHandle, open_h5
+from .handle import FileHandle, as_reader, open_h5
 from .index import IdIndex
 
 if TYPE_CHECKING:
@@ -137,7 +137,7 @@ class StoredArray:
         else:
             first = np.asarray(first) % max(self.shape[0], 1) + self.offset
         with _open(self.filename, self.h5_kwargs, self.feature) as f:
-            return _as_strings(self._checked(f))[(first, *item[1:])]
+            return as_reader(self._checked(f))[(first, *item[1:])]
 
     def _checked(self, f: h5py.File) -> h5py.Dataset:
         ds = f.get(self.path)
@@ -161,12 +161,6 @@ class StoredArray:
     def __repr__(self) -> str:
         start, stop = self.offset, self.offset + self.shape[0]
         return f"<StoredArray {self.filename!r}:{self.path} rows [{start}, {stop}) {self.dtype}>"
-
-
-def _as_strings(ds: h5py.Dataset) -> Any:
-    if fmt.is_string_dtype(ds.dtype) and h5py.check_string_dtype(ds.dtype).encoding == "utf-8":
-        return ds.asstr()
-    return ds
 
 
 def _mtime(filename: str) -> int:
@@ -336,7 +330,7 @@ def _read_partition(args: list[tuple[StoredArray, int, int]]) -> list[tuple[str,
 
 def _read_ids(f: h5py.File, array: StoredArray, lo: int, hi: int) -> list[tuple[str, np.ndarray]]:
     """The ``(id, array)`` pairs of positions ``[lo, hi)``, read in sorted merged runs."""
-    ds = _as_strings(array._checked(f))
+    ds = as_reader(array._checked(f))
     refs = f[f"{array.feature}/{fmt.REFS}"]
     if refs.shape[0] < hi or f[fmt.IDS].shape[0] < hi:
         raise StaleFileError(array.filename, array.feature, f"its ref table lost rows below {hi}")
@@ -457,7 +451,7 @@ class _Source:
         with self.open() as f:
             index, table = self._tables(f)
             start, stop = table[index[id]]
-            return _as_strings(f[f"{self.feature}/{fmt.VALUES}"])[start:stop]
+            return as_reader(f[f"{self.feature}/{fmt.VALUES}"])[start:stop]
 
     def _tables(self, f: h5py.File) -> tuple[IdIndex, np.ndarray]:
         if self not in _TABLES:

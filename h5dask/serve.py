@@ -16,18 +16,14 @@ until :func:`serve` or ``to_tensor=True`` needs it.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import reduce
 from typing import TYPE_CHECKING, Any
 
-import h5py
 import numpy as np
 
-from . import format as fmt
-from .errors import H5DaskError
-from .handle import open_h5
+from .handle import FileHandle
 from .proxy import DatasetProxy
 
 if TYPE_CHECKING:
@@ -302,47 +298,28 @@ class Target(Input):
 
 
 class _Reader:
-    """Per-process read-only h5py files and datasets, opened on first use."""
+    """This process's read-only handles, one per file, kept open, their datasets cached.
+
+    Each is a :class:`~h5dask.handle.FileHandle` with ``keep_open``: it opens on
+    first use in whichever process reads (a DataLoader worker), and never
+    touches a handle inherited through fork.
+    """
 
     def __init__(self) -> None:
-        self._pid = -1
-        self._files: dict[str, h5py.File] = {}
-        self._datasets: dict[tuple[str, str], Any] = {}
+        self._handles: dict[str, FileHandle] = {}
 
     def dataset(self, filename: str, path: str, h5_kwargs: dict[str, Any]) -> Any:
-        if self._pid != os.getpid():  # new process: never touch inherited handles
-            self.__init__()
-            self._pid = os.getpid()
-        try:
-            return self._datasets[filename, path]
-        except KeyError:
-            return self._open(filename, path, h5_kwargs)
-
-    def _open(self, filename: str, path: str, h5_kwargs: dict[str, Any]) -> Any:
-        f = self._files.get(filename)
-        if f is None:
-            try:
-                f = self._files[filename] = open_h5(filename, "r", **h5_kwargs)
-            except BlockingIOError as exc:
-                raise H5DaskError(
-                    f"cannot open {filename!r} to serve {path!r}: another process holds it "
-                    "open for writing (keep_open=True in mode 'r+'?); open that file with "
-                    "mode='r', close it, or pass locking=False"
-                ) from exc
-        ds = f[path]
-        if fmt.is_string_dtype(ds.dtype) and h5py.check_string_dtype(ds.dtype).encoding == "utf-8":
-            ds = ds.asstr()
-        self._datasets[filename, path] = ds
-        return ds
+        handle = self._handles.get(filename)
+        if handle is None:
+            handle = self._handles[filename] = FileHandle(filename, "r", True, **h5_kwargs)
+        return handle.reader(path)
 
     def close(self) -> None:
-        if self._pid == os.getpid():
-            for f in self._files.values():
-                f.close()
-        self.__init__()
+        for handle in self._handles.values():
+            handle.close()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {}
+        return {}  # handles stay in their process
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__()
