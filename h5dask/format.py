@@ -27,6 +27,7 @@ RESERVED = ("__src__", ERRORS)
 JSON_ATTRS = "__json__"
 CHUNK_BYTES = 1 << 20
 MIN_CHUNK_BYTES = 16 << 10
+FIRST_WRITES_PER_CHUNK = 64
 TABLE_CHUNK_ROWS = 16384
 
 UTF8 = h5py.string_dtype("utf-8")
@@ -206,12 +207,14 @@ def default_chunks(
 ) -> tuple[int, ...]:
     """Chunks of about :data:`CHUNK_BYTES`: whole rows when a row fits, else split rows.
 
-    A dataset whose first write is small (a log, a checkpoint) gets smaller
-    chunks, down to :data:`MIN_CHUNK_BYTES`, so that it does not take a whole
-    MiB on disk.
+    A dataset whose first write is small gets chunks of about
+    :data:`FIRST_WRITES_PER_CHUNK` such writes, down to :data:`MIN_CHUNK_BYTES`:
+    a log of a few numbers does not take a whole MiB on disk, and a dataset
+    built by adding one item at a time (the first add is committed alone) still
+    gets chunks of many items.
     """
     itemsize = 64 if is_string_dtype(dtype) else max(1, dtype.itemsize)
-    target = 1 << max(0, int(first_nbytes) - 1).bit_length()
+    target = FIRST_WRITES_PER_CHUNK << max(0, int(first_nbytes) - 1).bit_length()
     target = min(CHUNK_BYTES, max(MIN_CHUNK_BYTES, target))
     shape = [max(1, n) for n in trailing]
     while math.prod(shape) * itemsize > target and max(shape) > 1:

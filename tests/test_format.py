@@ -156,6 +156,18 @@ def test_default_chunks(tmp_path):
         assert h["big/refs"].chunks[1] == 2 and h["__src__/id"].chunks[0] >= 1024
 
 
+def test_a_dataset_added_one_item_at_a_time_gets_chunks_of_many_items(tmp_path):
+    class Items(h5m.TypedFile):
+        x = h5m.Array()
+
+    with Items(tmp_path / "i.h5", mode="w") as items:
+        for i in range(100):  # the first add is committed alone: a 4 KiB first write
+            items.add(str(i), {"x": np.zeros((16, 64), np.float32)})
+    with h5py.File(tmp_path / "i.h5", "r") as h:
+        chunks = h["x/values"].chunks
+        assert chunks[1:] == (64,) and chunks[0] * 64 * 4 >= 64 * 4096  # 64 items a chunk
+
+
 def test_uncommitted_tails_are_trimmed_on_the_next_write(tmp_path):
     path = tmp_path / "t.h5"
     f = h5m.TypedFile(path, mode="w")
