@@ -398,8 +398,8 @@ class RefTable:
                 raise UnknownIdError(item, self.proxy.file.filename, self.proxy.path)
             item = position
         if isinstance(item, (int, np.integer)):
-            start, stop = self.array[item]
-            return None if start < 0 else slice(int(start), int(stop))
+            start, stop = self.array[item].tolist()
+            return None if start < 0 else slice(start, stop)
         return self.array[item]
 
     def __iter__(self) -> Iterator[slice | None]:

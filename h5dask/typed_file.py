@@ -171,7 +171,7 @@ class TypedFile:
     @property
     def index(self) -> IdIndex:
         """Mapping of id to its position on the ids axis."""
-        self.flush()
+        self._commit()
         return self._committed_index()
 
     @property
@@ -422,7 +422,7 @@ class TypedFile:
         return self._cache["index"]
 
     def _refs(self, path: str) -> np.ndarray:
-        self.flush()
+        self._commit()
         key = "refs:" + path
         if key not in self._cache:
             node = self._layout().get(path)
@@ -438,7 +438,7 @@ class TypedFile:
         self._cache.clear()
 
     def _read(self, path: str, item: Any) -> Any:
-        self.flush()
+        self._commit()
         if self.keep_open:
             return self._handle.reader(path)[item]
         with self._handle.open() as f:
@@ -452,12 +452,12 @@ class TypedFile:
             )
 
     def _write(self, path: str, item: Any, value: Any) -> None:
-        self.flush()
+        self._commit()
         with self._handle.open(write=True) as f:
             f[path][item] = value
 
     def _attrs(self, path: str) -> dict[str, Any]:
-        self.flush()
+        self._commit()
         with self._handle.open() as f:
             obj = fmt.hard_get(f, path)
             return fmt.read_attrs(obj) if obj is not None else {}
@@ -550,7 +550,7 @@ class TypedFile:
     @property
     def errors(self) -> list[Failure]:
         """Failures recorded by ``create(..., on_error="skip")``, oldest first."""
-        self.flush()
+        self._commit()
         with self._handle.open() as f:
             return read_failures(f)
 
