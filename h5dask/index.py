@@ -17,12 +17,13 @@ def utf8_keys(ids: object) -> np.ndarray:
     """Ids as a fixed-width bytes array of their UTF-8 encodings."""
     if isinstance(ids, np.ndarray) and ids.dtype.kind == "S":
         return ids
-    array = np.asarray(ids, dtype=object)  # not "U": 4 bytes a character of the longest id
-    if array.size and all(isinstance(x, bytes) for x in array.flat):
-        return array.astype("S")
-    if not array.size:
+    items = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)  # type: ignore[call-overload]
+    if not items:
         return np.array([], dtype="S1")
-    return np.strings.encode(array.astype(StringDType()), "utf-8")
+    try:  # str.encode one by one is four times faster than np.strings.encode
+        return np.array([x.encode("utf-8") for x in items], "S")
+    except AttributeError:  # bytes, or not strings at all
+        return np.array([x if isinstance(x, bytes) else str(x).encode("utf-8") for x in items], "S")
 
 
 class IdIndex(Mapping[str, int]):
@@ -44,6 +45,30 @@ class IdIndex(Mapping[str, int]):
         self._keys = utf8_keys(ids)
         self._order = np.argsort(self._keys, kind="stable")
         self._sorted = self._keys[self._order]
+
+    def extended(self, ids: Sequence[str]) -> IdIndex:
+        """A new index of these ids followed by ``ids`` (absent from it, each once).
+
+        Merging the sorted keys costs one pass over the index, where
+        rebuilding it would sort every id again.
+
+        Examples
+        --------
+        >>> index = IdIndex(["b", "d"]).extended(["c", "a"])
+        >>> index["a"], index["c"], list(index)
+        (3, 2, ['b', 'd', 'c', 'a'])
+        """
+        keys = utf8_keys(ids)
+        if not len(keys):
+            return self
+        order = np.argsort(keys, kind="stable")
+        dtype = np.promote_types(self._keys.dtype, keys.dtype)
+        at = np.searchsorted(self._sorted, keys[order])
+        index = IdIndex.__new__(IdIndex)
+        index._keys = np.concatenate([self._keys, keys]).astype(dtype, copy=False)
+        index._sorted = np.insert(self._sorted.astype(dtype), at, keys[order])
+        index._order = np.insert(self._order, at, order + len(self._keys))
+        return index
 
     @cached_property
     def ids(self) -> np.ndarray:

@@ -20,7 +20,7 @@ from .feature import Feature, Group
 from .handle import FileHandle, as_reader, open_h5
 from .index import IdIndex
 from .proxy import DatasetProxy, GroupProxy, Proxy
-from .writer import Writer
+from .writer import Commit, Writer
 
 __all__ = ["TypedFile", "Failure"]
 
@@ -370,7 +370,6 @@ class TypedFile:
             writer is not None
             and type(id) is str
             and type(data) is dict
-            and writer.pid == os.getpid()
             and writer.append_known(id, data)
         ):
             return
@@ -391,14 +390,14 @@ class TypedFile:
             _WRITING.add(self)
 
     def _get_writer(self) -> Writer:
-        if self._writer is None or self._writer.pid != os.getpid():
+        if self._writer is None or not self._writer.in_this_process:
             self._writer = Writer(self)
         return self._writer
 
     def _commit(self) -> None:
         """Write what this process's writer buffers, so that reads see it."""
         writer = self.__dict__.get("_writer")
-        if writer is not None and writer.pid == os.getpid() and writer.pending:
+        if writer is not None and writer.in_this_process and writer.pending:
             writer.flush()
 
     def _layout(self) -> dict[str, fmt.Node]:
@@ -436,6 +435,19 @@ class TypedFile:
 
     def _invalidate(self) -> None:
         self._cache.clear()
+
+    def _committed(self, commit: Commit) -> None:
+        """Bring what is cached up to date with a commit of this process's writer.
+
+        The id index and ref tables are extended, not read again: rebuilding
+        them after every add would cost a sort of every id in the file.
+        """
+        cache = self._cache
+        cache.pop("layout", None)
+        if "index" in cache:
+            cache["index"] = cache["index"].extended(commit.new_ids)
+        for key in [key for key in cache if key.startswith("refs:")]:
+            cache[key] = commit.updated_refs(key.removeprefix("refs:"), cache[key])
 
     def _read(self, path: str, item: Any) -> Any:
         self._commit()

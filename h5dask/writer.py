@@ -31,11 +31,21 @@ from .extract import flatten
 if TYPE_CHECKING:
     from .typed_file import TypedFile
 
-__all__ = ["Writer", "Spec", "Block", "concat_rows"]
+__all__ = ["Writer", "Spec", "Block", "Commit", "concat_rows"]
 
 FLUSH_BYTES = 16 << 20
 FLUSH_SECONDS = 1.0
 SPACE_MARGIN = 4 << 20
+
+_forks = 0  # how many forks this process descends from: a writer serves one process
+
+
+def _after_fork() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 @dataclass
@@ -95,6 +105,68 @@ class Block:
         return sum(a.nbytes for a in self.values.values())
 
 
+@dataclass
+class Commit:
+    """What one flush changed: the ids it appended, the new length of the ids axis, and
+    per feature the ref rows it wrote (positions on the ids axis, ``(start, stop)`` rows)."""
+
+    new_ids: list[str]
+    total: int
+    refs: dict[str, tuple[np.ndarray, np.ndarray]]
+
+    def updated_refs(self, path: str, table: np.ndarray) -> np.ndarray:
+        """A feature's ref table as it was before this commit, brought up to date."""
+        updated = np.full((self.total, 2), -1, dtype=np.int64)
+        updated[: len(table)] = table
+        if path in self.refs:
+            positions, rows = self.refs[path]
+            updated[positions] = rows
+        return updated
+
+
+class _Column:
+    """One feature's arrays of a :class:`_Run`, copied end to end into a growing buffer."""
+
+    __slots__ = ("dtype", "trailing", "buffer", "fill", "rows")
+
+    def __init__(self, spec: Spec):
+        self.dtype, self.trailing = spec.dtype, spec.trailing
+        self.buffer = np.empty((16, *spec.trailing), spec.dtype)
+        self.fill = 0
+        self.rows: list[int] = []
+
+    def put(self, array: np.ndarray) -> None:
+        end = self.fill + len(array)
+        if end > len(self.buffer):
+            grown = np.empty((max(end, 2 * len(self.buffer)), *self.trailing), self.dtype)
+            grown[: self.fill] = self.buffer[: self.fill]
+            self.buffer = grown
+        self.buffer[self.fill : end] = array
+        self.fill = end
+        self.rows.append(len(array))
+
+
+class _Run:
+    """Consecutive adds of arrays for the same known features: ``add``'s fast path.
+
+    Copying each array straight into its column is the one copy an add needs
+    (its caller may reuse its arrays), and leaves nothing to concatenate at flush.
+    """
+
+    __slots__ = ("ids", "columns")
+
+    def __init__(self, specs: dict[str, Spec]):
+        self.ids: list[str] = []
+        self.columns = {path: _Column(spec) for path, spec in specs.items()}
+
+    def block(self) -> Block:
+        return Block(
+            self.ids,
+            {path: c.buffer[: c.fill] for path, c in self.columns.items()},
+            {path: np.array(c.rows, dtype=np.int64) for path, c in self.columns.items()},
+        )
+
+
 class Writer:
     """Buffers results and appends them to a typed file in batches.
 
@@ -125,13 +197,19 @@ class Writer:
         self.flush_bytes = FLUSH_BYTES if flush_bytes is None else flush_bytes
         self.flush_seconds = flush_seconds
         self.new_ids = new_ids
-        self._pending: list[Block | tuple[str, dict[str, np.ndarray]]] = []
+        self._pending: list[Block | _Run | tuple[str, dict[str, np.ndarray]]] = []
+        self._run: _Run | None = None
         self._n_pending = 0
         self._specs: dict[str, Spec] = {}
         self._bytes = 0
         self._last_flush = -math.inf
         self._trimmed = False
-        self.pid = os.getpid()
+        self._forks = _forks
+
+    @property
+    def in_this_process(self) -> bool:
+        """Whether this writer was made in this process (not inherited through fork)."""
+        return self._forks == _forks
 
     @property
     def pending(self) -> int:
@@ -165,25 +243,42 @@ class Writer:
     def append_known(self, id: str, data: dict[str, Any]) -> bool:
         """Buffer a copy of ``data`` if it maps known features to arrays that fit them as
         they are; return whether it did (the fast path of ``add``, else :meth:`append`)."""
-        copies = {}
+        run = self._run
+        if run is None:
+            run = self._new_run(data)
+            if run is None:
+                return False
+        columns = run.columns
+        if self._forks != _forks or data.keys() != columns.keys():
+            return False
         nbytes = 0
         for path, array in data.items():
-            spec = self._specs.get(path)
+            column = columns[path]
             if (
-                spec is None
-                or type(array) is not np.ndarray
-                or array.dtype.kind in "OV"  # objects are checked one by one
-                or array.dtype != spec.dtype
-                or array.shape[1:] != spec.trailing
+                type(array) is not np.ndarray
+                or array.dtype != column.dtype
+                or array.shape[1:] != column.trailing
                 or not array.ndim
             ):
                 return False
-            copies[path] = array.copy()
             nbytes += array.nbytes
-        if not copies:
-            return False
-        self._buffer((id, copies), 1, nbytes)
+        for path, array in data.items():
+            columns[path].put(array)
+        if not run.ids:
+            self._pending.append(run)
+            self._run = run
+        run.ids.append(id)
+        self._n_pending += 1
+        self._bytes += nbytes
+        self._flush_if_due()
         return True
+
+    def _new_run(self, data: dict[str, Any]) -> _Run | None:
+        """A run for ``data``'s features if the writer knows them all and they hold numbers."""
+        specs = {path: self._specs.get(path) for path in data}
+        if not specs or any(s is None or s.dtype.kind not in "biufc" for s in specs.values()):
+            return None
+        return _Run(specs)
 
     def append_block(
         self, ids: list[str], values: Mapping[str, np.ndarray], rows: Mapping[str, np.ndarray]
@@ -211,8 +306,12 @@ class Writer:
 
     def _buffer(self, entry: Block | tuple[str, dict], n_ids: int, nbytes: int) -> None:
         self._pending.append(entry)
+        self._run = None
         self._n_pending += n_ids
         self._bytes += nbytes
+        self._flush_if_due()
+
+    def _flush_if_due(self) -> None:
         if self._bytes >= self.flush_bytes or (
             self.flush_seconds is not None
             and time.monotonic() - self._last_flush >= self.flush_seconds
@@ -224,14 +323,16 @@ class Writer:
         if not self._pending:
             return
         blocks = _as_blocks(self._pending)
-        self._pending, self._n_pending, self._bytes = [], 0, 0
+        self._pending, self._run, self._n_pending, self._bytes = [], None, 0, 0
         self._last_flush = time.monotonic()
+        self._specs.clear()
         try:
             with self.file._handle.open(write=True) as f:
-                self._write(f, blocks)
-        finally:
-            self._specs.clear()
+                commit = self._write(f, blocks)
+        except BaseException:
             self.file._invalidate()
+            raise
+        self.file._committed(commit)
 
     def check(self, id: str, path: str, array: np.ndarray) -> np.ndarray:
         """``array`` cast to the dataset of ``path`` (or to what its first write will create).
@@ -282,7 +383,7 @@ class Writer:
             positions[k] = new.setdefault(ids[k], n + len(new))
         return positions, list(new)
 
-    def _write(self, f: h5py.File, blocks: list[Block]) -> None:
+    def _write(self, f: h5py.File, blocks: list[Block]) -> Commit:
         if self.file._handle.h5_kwargs.get("driver") in (None, "sec2"):
             _check_space(self.file.filename, blocks)
         if fmt.IDS not in f:
@@ -304,14 +405,19 @@ class Writer:
                 parts[0].append(values)
                 parts[1].append(block.rows[path])
                 parts[2].append(where)
-        for path, (values, rows, where) in by_path.items():
-            self._write_feature(f, path, values, np.concatenate(rows), np.concatenate(where), total)
+        written = {
+            path: self._write_feature(
+                f, path, values, np.concatenate(rows), np.concatenate(where), total
+            )
+            for path, (values, rows, where) in by_path.items()
+        }
         for path in features:
             refs = f[path][fmt.REFS]
             if refs.shape[0] < total:
                 refs.resize(total, axis=0)
         fmt.append_ids(f, new_ids)
         f.flush()
+        return Commit(new_ids, total, written)
 
     def _write_feature(
         self,
@@ -321,7 +427,8 @@ class Writer:
         rows: np.ndarray,
         positions: np.ndarray,
         total: int,
-    ) -> None:
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Append one feature's values and write their ref rows; return (positions, rows)."""
         if path not in f or fmt.VALUES not in f[path]:
             self.file._init_feature_group(f, path)
             first = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
@@ -339,6 +446,7 @@ class Writer:
         if group[fmt.REFS].shape[0] < total:
             group[fmt.REFS].resize(total, axis=0)
         fmt.write_ref_rows(group[fmt.REFS], positions[present], table)
+        return positions[present], table
 
 
 def _check_space(filename: str, blocks: list[Block]) -> None:
@@ -359,8 +467,8 @@ def _check_space(filename: str, blocks: list[Block]) -> None:
         )
 
 
-def _as_blocks(pending: list[Block | tuple[str, dict[str, np.ndarray]]]) -> list[Block]:
-    """Turn each run of single results into one block, keeping the order."""
+def _as_blocks(pending: list[Block | _Run | tuple[str, dict[str, np.ndarray]]]) -> list[Block]:
+    """Turn runs and each sequence of single results into blocks, keeping the order."""
     blocks: list[Block] = []
     run: list[tuple[str, dict[str, np.ndarray]]] = []
     for entry in [*pending, None]:
@@ -371,7 +479,7 @@ def _as_blocks(pending: list[Block | tuple[str, dict[str, np.ndarray]]]) -> list
             blocks.append(_block_of(run))
             run = []
         if entry is not None:
-            blocks.append(entry)
+            blocks.append(entry.block() if isinstance(entry, _Run) else entry)
     return blocks
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import h5dask as h5m
-from h5dask.errors import FileFormatError, UnknownIdError
+from h5dask.errors import ConcatError, FileFormatError, UnknownIdError
 
 SOURCES = [str(i) for i in range(6)]
 
@@ -492,3 +492,95 @@ def test_occasional_adds_reach_the_disk_at_once_bursts_within_a_second(tmp_path)
     time.sleep(3.1)
     logs.add("epoch-2", {"loss": np.array([0.2])})
     assert on_disk() == ["epoch-0", "epoch-1", "epoch-2"]
+
+
+@pytest.mark.parametrize("keep_open", [False, True])
+def test_reads_between_adds_match_a_fresh_reopen(tmp_path, keep_open):
+    """Commits update the cached index and ref tables in place; they must stay exact."""
+
+    class Logs(h5m.TypedFile):
+        x = h5m.Array()
+        y = h5m.Array()
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "logs.h5"
+    logs = Logs(path, mode="w", keep_open=keep_open)
+    expected: dict[str, dict[str, list]] = {}
+    for step in range(60):
+        id = f"id-{rng.integers(40)}" if step % 3 else f"new-é-{step}"  # repeats replace
+        data = {"x": rng.random((int(rng.integers(1, 4)), 2))}
+        if step % 4 == 0 or step > 40:  # y appears later, for some ids only
+            data["y"] = np.full(int(rng.integers(1, 3)), step)
+        logs.add(id, data)
+        expected.setdefault(id, {}).update({k: v.tolist() for k, v in data.items()})
+        if step % 5 == 0:
+            logs.flush()
+        probe = list(expected)[int(rng.integers(len(expected)))]
+        assert logs.x.get(probe).tolist() == expected[probe]["x"]  # a read commits, then caches
+        assert sorted(logs.index) == sorted(expected)
+    logs.close()
+    fresh = Logs(path, mode="r")
+    assert list(fresh.index) == list(logs.index)
+    for name in ("x", "y"):
+        assert getattr(fresh, name).refs[:].tolist() == getattr(logs, name).refs[:].tolist()
+    for id, features in expected.items():
+        for name, value in features.items():
+            assert getattr(fresh, name).get(id).tolist() == value, (id, name)
+
+
+def test_fast_and_checked_adds_mix_in_order(tmp_path):
+    """Runs of same-feature adds are buffered by column; anything else breaks the run."""
+
+    class Logs(h5m.TypedFile):
+        x = h5m.Array()
+        s = h5m.Array()
+
+    logs = Logs(tmp_path / "mix.h5", mode="w")
+    logs._get_writer().flush_seconds = None
+    expected = {}
+    for k in range(300):  # columns grow from 16 rows, several times
+        x = np.full((k % 5 + 1, 3), k, dtype=np.float32)
+        data = {"x": x}
+        if k % 50 == 7:
+            data = {"x": x.astype(np.int16)}  # safe cast: the checked path
+        if k % 70 == 3:
+            data = {"x": x, "s": np.array([f"text {k}"])}  # another set of features
+        logs.add(f"{k}", data)
+        expected[f"{k}"] = x.tolist()
+    with pytest.raises(ConcatError, match="'bad'.*'x'.*shape"):
+        logs.add("bad", {"x": np.zeros((2, 4), np.float32)})  # known feature, wrong shape
+    with pytest.raises(ConcatError, match="'bad'.*'x'.*float64"):
+        logs.add("bad", {"x": np.zeros((2, 3))})  # float64 does not cast safely
+    logs.close()
+    with h5py.File(tmp_path / "mix.h5") as f:
+        ids = f["__src__/id"].asstr()[:].tolist()
+        assert ids == list(expected)
+        values, refs = f["x/values"][:], f["x/refs"][:]
+        for position, id in enumerate(ids):
+            start, stop = refs[position]
+            assert values[start:stop].tolist() == expected[id]
+        assert f["s/values"].asstr()[:].tolist() == [f"text {k}" for k in range(3, 300, 70)]
+
+
+def test_a_forked_child_does_not_commit_its_parents_buffered_adds(tmp_path):
+    class Logs(h5m.TypedFile):
+        x = h5m.Array()
+
+    path = tmp_path / "fork.h5"
+    logs = Logs(path, mode="w")
+    logs.add("parent-0", {"x": np.zeros(1)})
+    logs._get_writer().flush_seconds = None
+    logs.add("parent-1", {"x": np.zeros(1)})  # buffered when the child forks
+    context = multiprocessing.get_context("fork")
+    child = context.Process(target=_add_in_child, args=(logs,))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+    logs.close()
+    with h5py.File(path) as f:
+        assert f["__src__/id"].asstr()[:].tolist() == ["parent-0", "child", "parent-1"]
+
+
+def _add_in_child(logs) -> None:
+    logs.add("child", {"x": np.ones(1)})
+    logs.close()
