@@ -34,6 +34,7 @@ from dask.base import tokenize
 from dask.utils import parse_bytes
 
 from . import format as fmt
+from .direct import read_rows
 from .errors import (
     FileFormatError,
     H5DaskError,
@@ -137,7 +138,12 @@ class StoredArray:
         else:
             first = np.asarray(first) % max(self.shape[0], 1) + self.offset
         with _open(self.filename, self.h5_kwargs, self.feature) as f:
-            return as_reader(self._checked(f))[(first, *item[1:])]
+            ds = self._checked(f)
+            if _whole_rows(first, item[1:], self.shape):
+                block = read_rows(ds, first.start, first.stop)
+                if block is not None:
+                    return block
+            return as_reader(ds)[(first, *item[1:])]
 
     def _checked(self, f: h5py.File) -> h5py.Dataset:
         ds = f.get(self.path)
@@ -161,6 +167,19 @@ class StoredArray:
     def __repr__(self) -> str:
         start, stop = self.offset, self.offset + self.shape[0]
         return f"<StoredArray {self.filename!r}:{self.path} rows [{start}, {stop}) {self.dtype}>"
+
+
+def _whole_rows(first: Any, rest: tuple, shape: tuple[int, ...]) -> bool:
+    """Whether an item selects whole rows: a step-1 slice, then whole trailing axes."""
+    return (
+        isinstance(first, slice)
+        and first.step in (None, 1)
+        and len(rest) <= len(shape) - 1
+        and all(
+            isinstance(s, slice) and s.indices(n) == (0, n, 1)
+            for s, n in zip(rest, shape[1:], strict=False)
+        )
+    )
 
 
 def _mtime(filename: str) -> int:
