@@ -261,16 +261,44 @@ def append_rows(ds: h5py.Dataset, rows: np.ndarray) -> tuple[int, int]:
 
 
 def append_blocks(ds: h5py.Dataset, blocks: list[np.ndarray]) -> int:
-    """Append ``blocks`` along axis 0 of ``ds`` with one resize and no copy; return the start."""
-    start = offset = ds.shape[0]
+    """Append ``blocks`` along axis 0 of ``ds`` with one resize; return the start.
+
+    Writes follow the HDF5 chunks: the whole chunks inside a block are written
+    straight from it, and only a chunk that straddles blocks is assembled (at
+    most one chunk of rows copied), so that with the chunk cache off (as the
+    writer opens files) HDF5 neither copies the data nor reads back any chunk
+    but the partial ones at both ends.
+    """
+    start = pending_at = offset = ds.shape[0]
     stop = start + sum(block.shape[0] for block in blocks)
-    if stop > start:
-        ds.resize(stop, axis=0)
+    if stop == start:
+        return start
+    ds.resize(stop, axis=0)
+    step = ds.chunks[0] if ds.chunks else stop
+    pending: list[np.ndarray] = []  # rows [pending_at, offset), within one chunk
     for block in blocks:
-        if block.shape[0]:
-            ds[offset : offset + block.shape[0]] = block
-            offset += block.shape[0]
+        end = offset + block.shape[0]
+        cut = end // step * step  # the last chunk boundary this block reaches
+        if cut <= pending_at:
+            pending.append(block)
+        else:
+            direct = offset
+            if pending:  # complete the chunk that pending began
+                direct = (pending_at // step + 1) * step
+                _write_rows(ds, pending_at, [*pending, block[: direct - offset]])
+            _write_rows(ds, direct, [block[direct - offset : cut - offset]])
+            pending, pending_at = [block[cut - offset :]], cut
+        offset = end
+    _write_rows(ds, pending_at, pending)
     return start
+
+
+def _write_rows(ds: h5py.Dataset, at: int, parts: list[np.ndarray]) -> None:
+    """Write the concatenation of ``parts`` at row ``at``, copying only if there are several."""
+    parts = [part for part in parts if part.shape[0]]
+    if parts:
+        rows = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        ds[at : at + rows.shape[0]] = rows
 
 
 def write_ref_rows(refs: h5py.Dataset, positions: np.ndarray, rows: np.ndarray) -> None:

@@ -225,6 +225,10 @@ def journaled(filename: str, **h5_kwargs: Any) -> Iterator[h5py.File]:
     """
     repair(filename)
     kwargs = {k: v for k, v in h5_kwargs.items() if k not in ("driver", "locking")}
+    # No chunk cache: appends write whole chunks straight from their arrays (see
+    # format.append_blocks), and a cache that a commit's close frees would make
+    # the next commit allocate and page in megabytes of fresh chunk buffers again.
+    kwargs.setdefault("rdcc_nbytes", 0)
     raw = JournaledFile(filename, lock=_locking(h5_kwargs))
     try:
         f = h5py.File(raw, "r+", **kwargs)

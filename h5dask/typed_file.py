@@ -383,15 +383,12 @@ class TypedFile:
             raise ResultTypeError(id, "", "add() on a file takes a dict of features")
         if self.mode == "r":
             self._check_writable(f"source {id!r}, feature {', '.join(flatten(result))!r}")
-        writer = self._get_writer()
-        first = not writer.pending
-        writer.append(id, result, flat=flat is not None)
-        if first and writer.pending:
-            _WRITING.add(self)
+        self._get_writer().append(id, result, flat=flat is not None)
 
     def _get_writer(self) -> Writer:
         if self._writer is None or not self._writer.in_this_process:
             self._writer = Writer(self)
+            _WRITING.add(self)  # what it buffers is committed at exit
         return self._writer
 
     def _commit(self) -> None:

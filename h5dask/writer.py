@@ -325,11 +325,11 @@ class Writer:
         blocks = _as_blocks(self._pending)
         self._pending, self._run, self._n_pending, self._bytes = [], None, 0, 0
         self._last_flush = time.monotonic()
-        self._specs.clear()
         try:
             with self.file._handle.open(write=True) as f:
                 commit = self._write(f, blocks)
         except BaseException:
+            self._specs.clear()  # a feature's first write may not have happened
             self.file._invalidate()
             raise
         self.file._committed(commit)

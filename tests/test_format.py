@@ -231,3 +231,23 @@ def test_plain_h5py_reading_as_in_the_docs(path):
         start, stop = refs[position]
         image = f["data/images/values"][start:stop] if start >= 0 else None
     assert np.array_equal(image, h5m.TypedFile(path).data.images.get("3"))
+
+
+def test_append_blocks_writes_any_blocks_over_any_chunks(tmp_path):
+    """Chunk-aligned appends (whole chunks straight from blocks) equal plain concatenation."""
+    rng = np.random.default_rng(7)
+    for trial in range(150):
+        step = int(rng.integers(1, 12))
+        with h5py.File(tmp_path / "a.h5", "w", rdcc_nbytes=int(rng.choice([0, 1 << 20]))) as f:
+            ds = f.create_dataset("v", (0, 3), np.int64, maxshape=(None, 3), chunks=(step, 3))
+            expected: list[int] = []
+            for _ in range(int(rng.integers(1, 5))):  # flushes
+                sizes = rng.choice([0, 1, step - 1, step, step + 1, 2 * step + 3, 37], 5)
+                blocks = []
+                for n in sizes[: int(rng.integers(0, 6))]:
+                    base = len(expected) + sum(len(b) for b in blocks)
+                    blocks.append(np.repeat(np.arange(base, base + n)[:, None], 3, axis=1))
+                assert fmt.append_blocks(ds, blocks) == len(expected)
+                expected += [int(v) for b in blocks for v in b[:, 0]]
+            assert ds[:, 0].tolist() == expected, (trial, step)
+            assert (ds[:, 1] == ds[:, 0]).all()
