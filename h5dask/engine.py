@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from .errors import H5DaskError, SchemaError
 from .extract import flatten, load_schema
 from .feature import Feature
-from .writer import concat_rows
+from .writer import concat_rows, row_counts
 
 __all__ = [
     "run_loads",
@@ -52,6 +52,7 @@ LOCAL.update(multiprocessing="processes")
 ADDRESS = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://\S+|[^\s:/]+:\d+)$")
 MAX_PARTITION = 512
 SPILL_BYTES = 64 << 10
+IOV_MAX = 1024  # buffers one writev takes (Linux, macOS)
 FIRST_PARTITION = 32
 PARTITION_BYTES = 8 << 20
 
@@ -72,6 +73,25 @@ class Spilled:
     @property
     def nbytes(self) -> int:
         return int(np.dtype(self.dtype).itemsize * math.prod(self.shape))
+
+    @classmethod
+    def write(cls, folder: str, arrays: list[np.ndarray]) -> Spilled:
+        """Write the concatenation of ``arrays`` (one dtype, one trailing shape) to a new
+        file in ``folder``, with no concatenated copy: one ``writev`` gathers them."""
+        filename = os.path.join(folder, uuid.uuid4().hex)
+        buffers = [memoryview(np.ascontiguousarray(a)).cast("B") for a in arrays if a.size]
+        fd = os.open(filename, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            while buffers:
+                written = os.writev(fd, buffers[:IOV_MAX])
+                while written and written >= len(buffers[0]):
+                    written -= len(buffers.pop(0))
+                if written:  # a short write ended inside a buffer
+                    buffers[0] = buffers[0][written:]
+        finally:
+            os.close(fd)
+        rows = sum(a.shape[0] for a in arrays)
+        return cls(filename, arrays[0].dtype.str, (rows, *arrays[0].shape[1:]))
 
     def take(self) -> np.ndarray:
         """Map the array back (no copy) and unlink its file; its memory goes with the array."""
@@ -123,15 +143,6 @@ class Packed:
         loose = sum(a.nbytes for arrays in self.loose.values() for a in arrays.values())
         return loose + sum(a.nbytes for a in self.values.values())
 
-    def spill(self, folder: str) -> Packed:
-        """Write large values to files in ``folder``; return self (in the worker)."""
-        for path, array in self.values.items():
-            if array.nbytes >= SPILL_BYTES:
-                filename = os.path.join(folder, uuid.uuid4().hex)
-                array.tofile(filename)
-                self.values[path] = Spilled(filename, array.dtype.str, array.shape)
-        return self
-
     def unspill(self) -> Packed:
         """Read back the values :meth:`spill` wrote; return self (in the writer)."""
         for path, value in self.values.items():
@@ -176,8 +187,7 @@ def load_partition(ids: list[str], schema: dict[str, Feature], spill: str | None
         except H5DaskError as exc:
             errors[k] = exc
             results.append({})
-    packed = _pack(ids, results, errors)
-    return packed.spill(spill) if spill else packed
+    return _pack(ids, results, errors, spill)
 
 
 def _load_pickled(ids: list[str], payload: bytes, spill: str | None) -> Packed:
@@ -202,16 +212,24 @@ def _unpickle_schema(payload: bytes) -> dict[str, Feature]:
         ) from exc
 
 
-def _pack(ids: list[str], results: list[dict[str, np.ndarray]], errors: dict) -> Packed:
+def _pack(
+    ids: list[str], results: list[dict[str, np.ndarray]], errors: dict, spill: str | None
+) -> Packed:
+    """Per feature, the results concatenated (large ones written to a file in ``spill``)."""
     paths = dict.fromkeys(p for r in results for p in r)
     packed = Packed(ids, {}, {}, {}, errors)
     for path in paths:
         arrays = [r.get(path) for r in results]
         present = [a for a in arrays if a is not None]
-        if len({(a.dtype, a.shape[1:]) for a in present}) == 1 and present[0].dtype.kind != "O":
-            packed.values[path], packed.rows[path] = concat_rows(arrays)
-        else:
+        if len({(a.dtype, a.shape[1:]) for a in present}) != 1 or present[0].dtype.kind == "O":
             packed.loose[path] = {k: a for k, a in enumerate(arrays) if a is not None}
+        elif spill and sum(a.nbytes for a in present) >= SPILL_BYTES:
+            packed.values[path], packed.rows[path] = (
+                Spilled.write(spill, present),
+                row_counts(arrays),
+            )
+        else:
+            packed.values[path], packed.rows[path] = concat_rows(arrays)
     return packed
 
 

@@ -31,7 +31,7 @@ from .extract import flatten
 if TYPE_CHECKING:
     from .typed_file import TypedFile
 
-__all__ = ["Writer", "Spec", "Block", "Commit", "concat_rows"]
+__all__ = ["Writer", "Spec", "Block", "Commit", "concat_rows", "row_counts"]
 
 FLUSH_BYTES = 16 << 20
 FLUSH_SECONDS = 1.0
@@ -500,12 +500,14 @@ def concat_rows(arrays: list[np.ndarray | None]) -> tuple[np.ndarray, np.ndarray
     >>> values.tolist(), rows.tolist()
     ([0.0, 0.0, 1.0], [2, -1, 1])
     """
-    present = [a for a in arrays if a is not None]
-    if len(present) == len(arrays):
-        rows = np.fromiter(map(len, arrays), np.int64, len(arrays))
-    else:
-        rows = np.array([-1 if a is None else len(a) for a in arrays], dtype=np.int64)
-    return np.concatenate(present), rows
+    return np.concatenate([a for a in arrays if a is not None]), row_counts(arrays)
+
+
+def row_counts(arrays: list[np.ndarray | None]) -> np.ndarray:
+    """Each array's number of rows, ``-1`` for None."""
+    if all(a is not None for a in arrays):
+        return np.fromiter(map(len, arrays), np.int64, len(arrays))  # type: ignore[arg-type]
+    return np.array([-1 if a is None else len(a) for a in arrays], dtype=np.int64)
 
 
 def _to_str(value: Any) -> Any:

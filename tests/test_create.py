@@ -796,3 +796,13 @@ def test_id_table_slices_like_the_list_it_packs():
     assert len(table) == len(ids) and table.blob.dtype == np.uint8
     for start, stop in [(0, 5), (2, 3), (3, 3), (7, 100), (99, 100)]:
         assert table[start:stop] == ids[start:stop]
+
+
+def test_spilled_results_gather_many_arrays_into_one_file(tmp_path):
+    """More arrays than one writev takes, empty and non-contiguous ones among them."""
+    rng = np.random.default_rng(3)
+    arrays = [rng.random((int(rng.integers(0, 4)), 6))[:, ::2] for _ in range(2 * 1024 + 7)]
+    spilled = engine.Spilled.write(str(tmp_path), arrays)
+    assert spilled.shape == (sum(len(a) for a in arrays), 3)
+    np.testing.assert_array_equal(spilled.take(), np.concatenate(arrays))
+    assert list(tmp_path.iterdir()) == []  # take() unlinks the file
