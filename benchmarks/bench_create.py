@@ -12,8 +12,9 @@ data) and the writer's peak memory, for:
   a LocalCluster of 2 worker processes (start-up excluded);
 - ``threads``: ``create(..., scheduler="threads", n_workers=2)``.
 
-Every run is a fresh process (modules imported and a 20-source warm-up build
-done before the clock starts; for ``client`` the cluster too). Peak memory is
+Every run is a fresh process, started after an ``os.sync()`` (modules imported
+and a 20-source warm-up build done before the clock starts; for ``client`` the
+cluster too). Peak memory is
 the growth of that (the writer's) process's resident set size over its size
 before the run, sampled every 2 ms by a psutil thread; worker processes are
 not counted, and with ``threads`` the loads run in the writer's process too.
@@ -315,6 +316,7 @@ def run_child(method: str, folder: str, n: int, out: str, n_spin: int) -> None:
 
 
 def in_child(method: str, folder: str, n: int, out: str, n_spin: int) -> dict[str, float]:
+    os.sync()  # write back the last run's files now, not during this one
     argv = [sys.executable, __file__, "--run", method, folder, str(n), out, str(n_spin)]
     done = subprocess.run(argv, capture_output=True, text=True)
     if done.returncode:

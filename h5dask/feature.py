@@ -106,6 +106,16 @@ class Feature:
             This feature's path in the file, for ``file.get_proxy(feature_key)``.
         """
 
+    def restored(self, attrs: Mapping[str, Any]) -> Feature:
+        """This feature as it was when it wrote a file whose stored ``attrs`` are given.
+
+        A proxy's feature methods run on what this returns, so that state
+        computed at create time and kept in the attrs (``DirLabels``'
+        vocabulary) is the file's own, in any process. The default is the
+        feature itself.
+        """
+        return self
+
     def __repr__(self) -> str:
         return f"<{type(self).__qualname__} {self.name!r}>"
 

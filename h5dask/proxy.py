@@ -61,7 +61,9 @@ class Proxy:
     def __getattr__(self, name: str) -> Any:
         feature = self.__dict__.get("feature")
         if feature is not None and not name.startswith("__") and hasattr(feature, name):
-            return getattr(feature, name)
+            if "_restored" not in self.__dict__:
+                self._restored = feature.restored(self.attrs)
+            return getattr(self._restored, name)
         path = self.__dict__.get("path")  # absent while unpickling
         raise AttributeError(f"{type(self).__name__} {path!r} has no attribute {name!r}")
 

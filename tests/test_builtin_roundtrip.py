@@ -117,3 +117,23 @@ def test_every_builtin_feature_round_trips_through_a_file(tmp_path, source_root)
         "dogs",
         "dogs",
     ]
+
+
+def test_dirlabels_decode_through_a_proxy_uses_that_files_vocabulary(tmp_path):
+    """The class's feature object holds the last build's vocabulary; each file has its own."""
+
+    class Labeled(h5m.TypedFile):
+        label = DirLabels()
+
+    for name, classes in {"first": ["cat", "dog"], "second": ["ant", "bee", "cow"]}.items():
+        for c in classes:
+            (tmp_path / name / c).mkdir(parents=True)
+            (tmp_path / name / c / "x.jpg").write_bytes(b"")
+    Labeled.create(tmp_path / "first.h5", str(tmp_path / "first"), scheduler="sync")
+    Labeled.create(tmp_path / "second.h5", str(tmp_path / "second"), scheduler="sync")
+    assert Labeled.label.vocabulary == ["ant", "bee", "cow"]  # the last build's
+    first = Labeled(tmp_path / "first.h5")
+    ids = list(first.index)
+    decoded = first.label.decode([int(first.label.get(id)[0]) for id in ids])
+    assert decoded == [id.split("/")[-2] for id in ids] == ["cat", "dog"]
+    assert first.label.vocabulary == ["cat", "dog"]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import posixpath
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -103,6 +104,14 @@ class DirLabels(Feature):
         names = {parent_name(s) for s in sources if re.search(self.__re__, str(s))}
         self.vocabulary = sorted(names)
 
+    def restored(self, attrs: Mapping[str, Any]) -> DirLabels:
+        """A copy holding the file's stored vocabulary, which its labels index."""
+        if "vocabulary" not in attrs:
+            return self
+        restored = copy.copy(self)
+        restored.vocabulary = [_as_str(name) for name in attrs["vocabulary"]]
+        return restored
+
     def load(self, source: str) -> np.ndarray:
         """Return ``[index of the parent directory's name in the vocabulary]``."""
         vocabulary = self._require_vocabulary()
@@ -123,9 +132,8 @@ class DirLabels(Feature):
         labels : int or array_like of int
             Labels as read from the file, of any shape.
         vocabulary : list of str, optional
-            Defaults to :attr:`vocabulary`; pass the stored one, e.g.
-            ``list(proxy.attrs["vocabulary"])``, when this feature object did
-            not create the file.
+            Defaults to :attr:`vocabulary`; through a file's proxy
+            (``file.label.decode(...)``), the vocabulary stored in that file.
 
         Returns
         -------
