@@ -20,6 +20,27 @@ from .repair import can_journal, journaled, needs_repair, repair
 __all__ = ["FileHandle", "open_h5"]
 
 
+class _Forks:
+    """How many forks this process descends from: handles and writers serve one process.
+
+    Cheaper to compare than ``os.getpid()``, a system call, on every read.
+    """
+
+    count = 0
+
+
+def _after_fork() -> None:
+    _Forks.count += 1
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def forks() -> int:
+    """The fork count of this process (see :class:`_Forks`)."""
+    return _Forks.count
+
+
 def open_h5(filename: str, mode: str = "r", **h5_kwargs: Any) -> h5py.File:
     """Open an HDF5 file with errors that say what is wrong with it.
 
@@ -136,7 +157,7 @@ class FileHandle:
         self.keep_open = keep_open
         self.h5_kwargs = h5_kwargs
         self._file: h5py.File | None = None
-        self._pid = os.getpid()
+        self._forks = forks()
         self._readers: dict[str, tuple[h5py.File, Any]] = {}
         self._writing: h5py.File | None = None
 
@@ -192,8 +213,9 @@ class FileHandle:
             f.close()
 
     def _live(self) -> h5py.File | None:
-        if self._pid != os.getpid():  # inherited through fork: never touch it
-            self._file, self._pid = None, os.getpid()
+        if self._forks != _Forks.count:  # inherited through fork: never touch it
+            self._file, self._forks = None, _Forks.count
+            self._readers = {}
         if self._file is not None and not self._file.id.valid:
             self._file = None
         return self._file

@@ -76,12 +76,13 @@ class IdIndex(Mapping[str, int]):
         return self._keys.astype(StringDType())
 
     def __getitem__(self, id: str) -> int:
-        position = self._find(id)
+        position = self.position(id)
         if position < 0:
             raise KeyError(id)
         return position
 
-    def _find(self, id: object) -> int:
+    def position(self, id: object) -> int:
+        """The position of ``id``, or ``-1`` if it is absent."""
         if not isinstance(id, str) or not len(self._sorted):
             return -1
         key = id.encode("utf-8")
@@ -91,7 +92,7 @@ class IdIndex(Mapping[str, int]):
         return -1
 
     def __contains__(self, id: object) -> bool:
-        return self._find(id) >= 0
+        return self.position(id) >= 0
 
     def __len__(self) -> int:
         return len(self._keys)

@@ -253,20 +253,24 @@ class DatasetProxy(Proxy):
             The file holds no such id.
         """
         id = self._check_id(id)
-        position = self.file.index.get(id)
-        if position is None:
+        position = self.file.index.position(id)
+        if position < 0:
             raise UnknownIdError(id, self.file.filename, self.path)
-        region = self.refs[position]
-        return None if region is None else self[region]
+        start, stop = self.refs.array[position].tolist()
+        if start < 0:
+            return None
+        return self._transformed(self.file._read(self.values_path, slice(start, stop)))
 
     def __getitem__(self, item: Any) -> Any:
         if isinstance(item, str):
             return self.get(item)
         if not self.exists:
             raise IndexError(f"{self.path!r} holds no data yet")
-        data = self.file._read(self.values_path, item)
+        return self._transformed(self.file._read(self.values_path, item))
+
+    def _transformed(self, data: Any) -> Any:
         transforms = getattr(self.feature, "__t__", ())
-        return reduce(lambda x, t: t(x), transforms, data)
+        return reduce(lambda x, t: t(x), transforms, data) if transforms else data
 
     def __setitem__(self, item: Any, value: Any) -> None:
         if isinstance(item, str):

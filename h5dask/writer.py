@@ -27,6 +27,7 @@ import numpy as np
 from . import format as fmt
 from .errors import ConcatError, DiskFullError
 from .extract import flatten
+from .handle import forks
 
 if TYPE_CHECKING:
     from .typed_file import TypedFile
@@ -36,16 +37,6 @@ __all__ = ["Writer", "Spec", "Block", "Commit", "concat_rows", "row_counts"]
 FLUSH_BYTES = 16 << 20
 FLUSH_SECONDS = 1.0
 SPACE_MARGIN = 4 << 20
-
-_forks = 0  # how many forks this process descends from: a writer serves one process
-
-
-def _after_fork() -> None:
-    global _forks
-    _forks += 1
-
-
-os.register_at_fork(after_in_child=_after_fork)
 
 
 @dataclass
@@ -204,12 +195,12 @@ class Writer:
         self._bytes = 0
         self._last_flush = -math.inf
         self._trimmed = False
-        self._forks = _forks
+        self._forks = forks()
 
     @property
     def in_this_process(self) -> bool:
         """Whether this writer was made in this process (not inherited through fork)."""
-        return self._forks == _forks
+        return self._forks == forks()
 
     @property
     def pending(self) -> int:
@@ -249,7 +240,7 @@ class Writer:
             if run is None:
                 return False
         columns = run.columns
-        if self._forks != _forks or data.keys() != columns.keys():
+        if self._forks != forks() or data.keys() != columns.keys():
             return False
         nbytes = 0
         for path, array in data.items():
