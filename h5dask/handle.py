@@ -87,21 +87,26 @@ def _finish_interrupted_commit(filename: str, mode: str) -> None:
     if mode != "r":
         repair(filename)  # raises if a live writer holds the journal
         return
-    with open_journal_lock(filename) as live:
-        if live:
-            raise FileFormatError(
-                f"cannot open {filename!r}: another process is committing a batch to it "
-                "right now; retry in a moment"
-            )
-    raise FileFormatError(
-        f"{filename!r} holds an unfinished commit: the process writing it died. Run "
-        f"`h5dask repair {filename}` (or open it for writing) to restore its last commit"
-    )
+    state = journal_state(filename)
+    if state == "live":
+        raise FileFormatError(
+            f"cannot open {filename!r}: another process is committing a batch to it "
+            "right now; retry in a moment"
+        )
+    if state == "dead":
+        raise FileFormatError(
+            f"{filename!r} holds an unfinished commit: the process writing it died. Run "
+            f"`h5dask repair {filename}` (or open it for writing) to restore its last commit"
+        )
 
 
-@contextmanager
-def open_journal_lock(filename: str) -> Iterator[bool]:
-    """Yield whether a live writer holds the journal of ``filename``."""
+def journal_state(filename: str) -> str:
+    """The commit in progress on ``filename``, as its journal tells.
+
+    ``"live"``: a writer holds the journal; ``"dead"``: the writer died
+    mid-commit; ``"none"``: no commit is open (or the one seen ended meanwhile:
+    a writer unlinks its journal, then lets go of its lock).
+    """
     import fcntl
 
     from .repair import journal_path
@@ -109,14 +114,13 @@ def open_journal_lock(filename: str) -> Iterator[bool]:
     try:
         fd = os.open(journal_path(filename), os.O_RDONLY)
     except FileNotFoundError:
-        yield False
-        return
+        return "none"
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            yield False
-        except BlockingIOError:
-            yield True
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return "live"
+    else:
+        return "dead" if os.fstat(fd).st_nlink else "none"
     finally:
         os.close(fd)
 

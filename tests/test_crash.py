@@ -311,3 +311,47 @@ def test_ctrl_c_during_map_stops_the_cluster_and_keeps_the_committed_prefix(tmp_
     word, left, n, mapped, ok = out.strip().split("|")
     assert word == "interrupted" and left == "[]" and n == "2000" and ok == "True"
     assert 0 <= int(mapped) < 2000
+
+
+def test_journal_states_a_reader_can_meet(tmp_path):
+    """No commit, a live one, a dead writer's; and a commit that ends while it is looked at."""
+    import fcntl
+
+    from h5dask.handle import journal_state
+
+    path = tmp_path / "j.h5"
+    h5py.File(path, "w").close()
+    assert journal_state(str(path)) == "none"
+    fd = os.open(journal_path(path), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a writer holds it during a commit
+    assert journal_state(str(path)) == "live"
+    with pytest.raises(FileFormatError, match="another process is committing"):
+        h5m.TypedFile(path, mode="r")
+    os.close(fd)  # the writer died: the journal stays, unlocked
+    assert journal_state(str(path)) == "dead"
+    with pytest.raises(FileFormatError, match="h5dask repair"):
+        h5m.TypedFile(path, mode="r")
+    os.unlink(journal_path(path))  # a commit ends: the journal is gone
+    assert journal_state(str(path)) == "none"
+    h5m.TypedFile(path, mode="r")
+
+
+def test_a_commit_that_ends_while_a_reader_checks_is_no_dead_writer(tmp_path, monkeypatch):
+    """The writer unlinks its journal, then unlocks it: a reader between the two sees no commit."""
+    import fcntl
+
+    from h5dask import handle
+
+    path = tmp_path / "j.h5"
+    h5py.File(path, "w").close()
+    fd = os.open(journal_path(path), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    real_flock = fcntl.flock
+
+    def commit_ends_first(reader_fd: int, operation: int) -> None:
+        os.unlink(journal_path(path))
+        os.close(fd)
+        real_flock(reader_fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", commit_ends_first)
+    assert handle.journal_state(str(path)) == "none"
