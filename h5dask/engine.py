@@ -224,10 +224,8 @@ def _pack(
         if len({(a.dtype, a.shape[1:]) for a in present}) != 1 or present[0].dtype.kind == "O":
             packed.loose[path] = {k: a for k, a in enumerate(arrays) if a is not None}
         elif spill and sum(a.nbytes for a in present) >= SPILL_BYTES:
-            packed.values[path], packed.rows[path] = (
-                Spilled.write(spill, present),
-                row_counts(arrays),
-            )
+            packed.values[path] = Spilled.write(spill, present)
+            packed.rows[path] = row_counts(arrays)
         else:
             packed.values[path], packed.rows[path] = concat_rows(arrays)
     return packed

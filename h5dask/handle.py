@@ -217,8 +217,8 @@ class FileHandle:
             f.close()
 
     def _live(self) -> h5py.File | None:
-        if self._forks != _Forks.count:  # inherited through fork: never touch it
-            self._file, self._forks = None, _Forks.count
+        if self._forks != forks():  # inherited through fork: never touch it
+            self._file, self._forks = None, forks()
             self._readers = {}
         if self._file is not None and not self._file.id.valid:
             self._file = None

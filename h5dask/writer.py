@@ -240,7 +240,7 @@ class Writer:
             if run is None:
                 return False
         columns = run.columns
-        if self._forks != forks() or data.keys() != columns.keys():
+        if not self.in_this_process or data.keys() != columns.keys():
             return False
         nbytes = 0
         for path, array in data.items():
