@@ -55,6 +55,7 @@ SPILL_BYTES = 64 << 10
 IOV_MAX = 1024  # buffers one writev takes (Linux, macOS)
 FIRST_PARTITION = 32
 PARTITION_BYTES = 8 << 20
+SHARED_IDS = 1 << 15  # ids scattered at once to the workers of a cluster
 
 
 @dataclass(frozen=True)
@@ -352,10 +353,11 @@ def _calls(
 
     In this process the schema and the ids go as they are. Other processes get
     the schema as bytes that the task unpickles, so that a failure to unpickle
-    is that task's error. On a distributed cluster the ids and the schema are
-    scattered once and each task names its range of positions: the scheduler,
-    which keeps a record of every task it ran, keeps a few numbers per task
-    instead of a copy of its ids.
+    is that task's error. On a distributed cluster the schema is scattered
+    once, the ids :data:`SHARED_IDS` at a time, and each task names its range
+    of positions: the scheduler, which keeps a record of every task it ran,
+    keeps a few numbers per task instead of a copy of its ids, and neither
+    holds all the ids at once.
     """
     if not where.processes:
         for r in parts:
@@ -366,13 +368,17 @@ def _calls(
         for r in parts:
             yield _load_pickled, ids[r.start : r.stop], payload, spill
         return
-    shared_ids, shared_payload = where.share(IdTable(ids)), where.share(payload)
+    shared_payload = where.share(payload)
+    shared, first, last = None, 0, 0  # the ids [first, last) the workers hold as ``shared``
     for r in parts:
-        yield _load_range, shared_ids, r.start, r.stop, shared_payload, spill
+        if r.stop > last:
+            first, last = r.start, min(len(ids), r.start + max(SHARED_IDS, len(r)))
+            shared = where.share(IdTable(ids[first:last]))
+        yield _load_range, shared, r.start - first, r.stop - first, shared_payload, spill
 
 
 def _load_range(ids: IdTable, start: int, stop: int, payload: bytes, spill: str | None) -> Packed:
-    """:func:`_load_pickled` of ``ids[start:stop]`` (ids scattered to the workers once)."""
+    """:func:`_load_pickled` of ``ids[start:stop]`` (ids scattered to the workers in bulk)."""
     return _load_pickled(ids[start:stop], payload, spill)
 
 

@@ -225,17 +225,18 @@ def default_chunks(
 
 
 def create_feature(
-    parent: h5py.File, path: str, first: np.ndarray, ds_kwargs: dict[str, Any], n: int
+    parent: h5py.File, path: str, first: list[np.ndarray], ds_kwargs: dict[str, Any], n: int
 ) -> h5py.Group:
-    """Create the feature group ``path`` with empty ``values`` shaped like ``first``."""
+    """Create the feature group ``path`` with empty ``values`` for the arrays of its first
+    write, ``first`` (alike in dtype and trailing shape; their size sets default chunks)."""
     group = parent.require_group(path)
     kwargs = dict(ds_kwargs)
-    dtype = np.dtype(kwargs.pop("dtype", storage_dtype(first)))
-    trailing = first.shape[1:]
+    dtype = np.dtype(kwargs.pop("dtype", storage_dtype(first[0])))
+    trailing = first[0].shape[1:]
     kwargs.pop("shape", None)
     kwargs.pop("maxshape", None)
     if kwargs.get("chunks", True) is True or kwargs.get("chunks") is None:
-        kwargs["chunks"] = default_chunks(trailing, dtype, first.nbytes)
+        kwargs["chunks"] = default_chunks(trailing, dtype, sum(a.nbytes for a in first))
     group.create_dataset(
         VALUES, shape=(0, *trailing), maxshape=(None, *trailing), dtype=dtype, **kwargs
     )

@@ -49,20 +49,31 @@ def create(
     file = cls(filename, mode=mode, schema=schema, **h5_kwargs)
     for feature in schema.values():
         feature.before_create(ids)
-    todo = [i for i, pos in zip(ids, file.index.positions(ids), strict=True) if pos < 0]
+    todo = _not_committed(file, ids)
+    file._invalidate()  # read again after the build, not extended commit by commit through it
     with file._handle.open(write=True) as f:
         file._init_schema(f)
-        _forget_failures(f, set(todo))
+        _forget_failures(f, todo)
     _ingest(file, todo, schema, n_workers, scheduler, on_error, progress, new_ids=True)
     _after_create(file, schema)
     file.keep_open = keep_open
     return file
 
 
-def _forget_failures(f: h5py.File, retried: set[str]) -> None:
+def _not_committed(file: TypedFile, ids: list[str]) -> list[str]:
+    """The ids not in ``file`` yet (``ids`` itself when the file holds none: no copy)."""
+    if not len(file.index):
+        return ids
+    return [i for i, pos in zip(ids, file.index.positions(ids), strict=True) if pos < 0]
+
+
+def _forget_failures(f: h5py.File, retried: list[str]) -> None:
     """Drop the recorded failures of the sources tried again (a resumed build)."""
     failures = read_failures(f)
-    kept = [failure for failure in failures if failure.source not in retried]
+    if not failures:
+        return
+    again = set(retried)
+    kept = [failure for failure in failures if failure.source not in again]
     if len(kept) < len(failures):
         del f[fmt.ERRORS]
         record_failures(f, kept)

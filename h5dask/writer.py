@@ -422,8 +422,7 @@ class Writer:
         """Append one feature's values and write their ref rows; return (positions, rows)."""
         if path not in f or fmt.VALUES not in f[path]:
             self.file._init_feature_group(f, path)
-            first = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
-            fmt.create_feature(f, path, first, self.file._ds_kwargs(path), total)
+            fmt.create_feature(f, path, arrays, self.file._ds_kwargs(path), total)
         group = f[path]
         if fmt.is_string_dtype(group[fmt.VALUES].dtype):
             arrays = [

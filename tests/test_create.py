@@ -268,6 +268,31 @@ def test_many_partitions_are_written_in_id_order(tmp_path, client):
     assert snapshot(files[2].filename) == snapshot(files[0].filename)
 
 
+def test_a_cluster_gets_the_ids_in_bulks_not_all_at_once(tmp_path, client, monkeypatch):
+    """Partitions below, at and above the bulk size: each names its ids within its bulk."""
+    monkeypatch.setattr(engine, "SHARED_IDS", 50)
+    scatterer, bulks = engine._scatterer, []
+
+    def counting(client):
+        share = scatterer(client)
+
+        def counted(obj):
+            if isinstance(obj, engine.IdTable):
+                bulks.append(obj[0 : len(obj)])
+            return share(obj)
+
+        return counted
+
+    monkeypatch.setattr(engine, "_scatterer", counting)
+    sources = [f"{n}:{k}" for k, n in enumerate(np.random.default_rng(1).integers(0, 9, 700))]
+    reference = build(tmp_path / "sync.h5", sources, {"x": Ragged()}, scheduler="sync")
+    build(tmp_path / "client.h5", sources, {"x": Ragged()}, scheduler=client)
+    assert snapshot(tmp_path / "client.h5") == snapshot(reference.filename)
+    assert len(bulks) > 2 and max(len(b) for b in bulks) < len(sources)
+    assert [id for bulk in bulks for id in bulk][: len(bulks[0])] == sources[: len(bulks[0])]
+    assert set(sources) <= {id for bulk in bulks for id in bulk}
+
+
 # -- where loads run ----------------------------------------------------------------------
 
 
