@@ -18,6 +18,7 @@ import os
 import pickle
 import re
 import tempfile
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -50,11 +51,12 @@ LOCAL = {"sync": "sync", "synchronous": "sync", "single-threaded": "sync"}
 LOCAL.update(threads="threads", threading="threads", processes="processes")
 LOCAL.update(multiprocessing="processes")
 ADDRESS = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://\S+|[^\s:/]+:\d+)$")
-MAX_PARTITION = 512
+MAX_PARTITION = 2048
 SPILL_BYTES = 64 << 10
 IOV_MAX = 1024  # buffers one writev takes (Linux, macOS)
 FIRST_PARTITION = 32
 PARTITION_BYTES = 8 << 20
+PARTITION_SECONDS = 1.0
 SHARED_IDS = 1 << 15  # ids scattered at once to the workers of a cluster
 
 
@@ -111,7 +113,7 @@ class Packed:
     ``rows[path][k]`` is the number of rows of the k-th id in ``values[path]``
     (``-1`` where it has none); ``loose`` holds the arrays of features whose
     results could not be concatenated within the partition; ``errors`` maps
-    an id to the error its loading raised.
+    an id to the error its loading raised; ``seconds`` is how long the loads took.
     """
 
     ids: list[str]
@@ -119,6 +121,7 @@ class Packed:
     rows: dict[str, np.ndarray]
     loose: dict[str, dict[int, np.ndarray]]
     errors: dict[int, H5DaskError]
+    seconds: float = 0.0
 
     def __iter__(self) -> Iterator[tuple[str, Any]]:
         """``(id, flat result or error)`` for every id, in order."""
@@ -182,13 +185,16 @@ def load_partition(ids: list[str], schema: dict[str, Feature], spill: str | None
     """
     results: list[dict[str, np.ndarray]] = []
     errors: dict[int, H5DaskError] = {}
+    start = time.perf_counter()
     for k, id in enumerate(ids):
         try:
             results.append(flatten(load_schema(id, schema)))
         except H5DaskError as exc:
             errors[k] = exc
             results.append({})
-    return _pack(ids, results, errors, spill)
+    packed = _pack(ids, results, errors, spill)
+    packed.seconds = time.perf_counter() - start
+    return packed
 
 
 def _load_pickled(ids: list[str], payload: bytes, spill: str | None) -> Packed:
@@ -238,11 +244,13 @@ def partition_size(n_ids: int, n_workers: int) -> int:
 
 
 class Partitions:
-    """Ids cut into partitions: the first small, the next holding about :data:`PARTITION_BYTES`.
+    """Ids cut into partitions: the first small, the next of about :data:`PARTITION_BYTES`
+    of results and :data:`PARTITION_SECONDS` of loading.
 
     A partition has at most ``most`` ids; once :meth:`observe` has seen results,
-    fewer when sources are large, so that the partitions in flight weigh
-    about the same however many sources there are.
+    fewer when sources are large, so that the partitions in flight weigh about
+    the same however many sources there are, and fewer when loads are slow, so
+    that the progress bar moves and the workers finish together.
 
     Examples
     --------
@@ -255,6 +263,7 @@ class Partitions:
         self.ids, self.most = ids, most
         self.size = min(most, FIRST_PARTITION)
         self._ids_seen = self._bytes_seen = 0
+        self._seconds_seen = 0.0
 
     def __iter__(self) -> Iterator[range]:
         """Positions of the ids of each partition, sized when it is asked for."""
@@ -265,11 +274,16 @@ class Partitions:
             start = stop
 
     def observe(self, packed: Packed) -> None:
-        """Size the next partitions from the bytes per source seen so far."""
+        """Size the next partitions from the bytes and seconds per source seen so far."""
         self._ids_seen += len(packed.ids)
         self._bytes_seen += packed.nbytes
-        per_id = self._bytes_seen / self._ids_seen
-        self.size = max(1, min(self.most, int(PARTITION_BYTES / per_id) if per_id else self.most))
+        self._seconds_seen += packed.seconds
+        size = self.most
+        if self._bytes_seen:
+            size = min(size, int(PARTITION_BYTES * self._ids_seen / self._bytes_seen))
+        if self._seconds_seen:
+            size = min(size, int(PARTITION_SECONDS * self._ids_seen / self._seconds_seen))
+        self.size = max(1, size)
 
 
 def run_loads(

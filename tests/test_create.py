@@ -760,6 +760,32 @@ def test_partitions_shrink_to_a_byte_budget_once_results_are_seen():
     assert sizes[:2] == [engine.FIRST_PARTITION, 512]
 
 
+class Slow(h5m.Feature):
+    """A tiny result after ``seconds`` of work."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def load(self, source):
+        time.sleep(self.seconds)
+        return np.zeros(1)
+
+
+def test_partitions_shrink_to_a_time_budget_when_loads_are_slow(monkeypatch):
+    monkeypatch.setattr(engine, "PARTITION_SECONDS", 0.05)
+    ids = [str(i) for i in range(80)]
+    parts = engine.Partitions(ids, most=512)
+    sizes = []
+    for part in parts:
+        sizes.append(len(part))
+        packed = engine.load_partition(ids[part.start : part.stop], {"x": Slow(0.005)})
+        assert packed.seconds >= 0.005 * len(part)
+        parts.observe(packed)
+    assert sizes[0] == engine.FIRST_PARTITION
+    assert 1 <= max(sizes[1:]) <= 10  # 0.05 s of 5 ms loads
+    assert sum(sizes) == len(ids)
+
+
 def test_memory_in_flight_is_bounded_by_the_window_not_the_number_of_sources():
     schema, workers = {"x": Filler(256 << 10)}, 2
     window = 2 * workers + 2
