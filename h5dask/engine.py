@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from .errors import H5DaskError, SchemaError
 from .extract import flatten, load_schema
 from .feature import Feature
+from .throttle import Throttle
 from .writer import concat_rows, row_counts
 
 __all__ = [
@@ -505,9 +506,10 @@ def _local_pool(kind: str, n_workers: int) -> Iterator[Callable]:
         yield _SyncSubmit()
         return
     pool: Executor
+    throttle = Throttle(n_workers)
     if kind == "threads":
         pool = ThreadPoolExecutor(n_workers)
-        submit = pool.submit
+        submit = functools.partial(pool.submit, throttle.run)
     else:
         import multiprocessing
 
@@ -517,6 +519,7 @@ def _local_pool(kind: str, n_workers: int) -> Iterator[Callable]:
     try:
         yield submit
     finally:
+        throttle.close()
         pool.shutdown(wait=True, cancel_futures=True)
 
 

@@ -297,7 +297,8 @@ class TypedFile:
         scheduler : str or distributed.Client, optional
             ``"sync"``, ``"threads"``, ``"processes"``, a scheduler address or a
             Client. Default: the active distributed Client, else an embedded
-            local cluster.
+            local cluster. ``"threads"`` runs loads on ``n_workers`` threads
+            only if they load faster together than one alone (it measures).
         keep_open : bool
             Keep the returned file's HDF5 handle open.
         on_error : {"raise", "skip"}
