@@ -56,8 +56,10 @@ MAX_PARTITION = 2048
 SPILL_BYTES = 64 << 10
 IOV_MAX = 1024  # buffers one writev takes (Linux, macOS)
 FIRST_PARTITION = 32
-PARTITION_BYTES = 8 << 20
-PARTITION_SECONDS = 1.0
+PARTITION_BYTES = 8 << 20  # of results a task sends from another process
+LOCAL_PARTITION_BYTES = 4 << 20  # of results a thread of this process hands over
+PARTITION_SECONDS = 1.0  # of loading in a task of another process
+LOCAL_PARTITION_SECONDS = 0.05  # of loading in a thread of this process
 SHARED_IDS = 1 << 15  # ids scattered at once to the workers of a cluster
 
 
@@ -245,8 +247,8 @@ def partition_size(n_ids: int, n_workers: int) -> int:
 
 
 class Partitions:
-    """Ids cut into partitions: the first small, the next of about :data:`PARTITION_BYTES`
-    of results and :data:`PARTITION_SECONDS` of loading.
+    """Ids cut into partitions: the first small, the next of about ``nbytes`` of results
+    (:data:`PARTITION_BYTES` by default) and :data:`PARTITION_SECONDS` of loading.
 
     A partition has at most ``most`` ids; once :meth:`observe` has seen results,
     fewer when sources are large, so that the partitions in flight weigh about
@@ -260,8 +262,14 @@ class Partitions:
     [32, 32, 32, 4]
     """
 
-    def __init__(self, ids: list[str], most: int):
-        self.ids, self.most = ids, most
+    def __init__(
+        self,
+        ids: list[str],
+        most: int,
+        nbytes: int = PARTITION_BYTES,
+        seconds: float = PARTITION_SECONDS,
+    ):
+        self.ids, self.most, self.nbytes, self.seconds = ids, most, nbytes, seconds
         self.size = min(most, FIRST_PARTITION)
         self._ids_seen = self._bytes_seen = 0
         self._seconds_seen = 0.0
@@ -281,9 +289,9 @@ class Partitions:
         self._seconds_seen += packed.seconds
         size = self.most
         if self._bytes_seen:
-            size = min(size, int(PARTITION_BYTES * self._ids_seen / self._bytes_seen))
+            size = min(size, int(self.nbytes * self._ids_seen / self._bytes_seen))
         if self._seconds_seen:
-            size = min(size, int(PARTITION_SECONDS * self._ids_seen / self._seconds_seen))
+            size = min(size, int(self.seconds * self._ids_seen / self._seconds_seen))
         self.size = max(1, size)
 
 
@@ -316,7 +324,11 @@ def run_loads(
     if not ids:
         return
     with _scheduler(scheduler, n_workers) as where, _spill_folder(where.local) as spill:
-        parts = Partitions(ids, partition_size(len(ids), where.workers))
+        most = partition_size(len(ids), where.workers)
+        if where.processes:
+            parts = Partitions(ids, most)
+        else:
+            parts = Partitions(ids, most, LOCAL_PARTITION_BYTES, LOCAL_PARTITION_SECONDS)
         name = f"{desc} ({where.name})"
         with tqdm(total=len(ids), disable=not progress, unit="src", desc=name) as bar:
             calls = _calls(where, ids, parts, schema, spill)

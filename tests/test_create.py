@@ -771,10 +771,9 @@ class Slow(h5m.Feature):
         return np.zeros(1)
 
 
-def test_partitions_shrink_to_a_time_budget_when_loads_are_slow(monkeypatch):
-    monkeypatch.setattr(engine, "PARTITION_SECONDS", 0.05)
+def test_partitions_shrink_to_a_time_budget_when_loads_are_slow():
     ids = [str(i) for i in range(80)]
-    parts = engine.Partitions(ids, most=512)
+    parts = engine.Partitions(ids, most=512, seconds=0.05)
     sizes = []
     for part in parts:
         sizes.append(len(part))
@@ -857,3 +856,14 @@ def test_spilled_results_gather_many_arrays_into_one_file(tmp_path):
     assert spilled.shape == (sum(len(a) for a in arrays), 3)
     np.testing.assert_array_equal(spilled.take(), np.concatenate(arrays))
     assert list(tmp_path.iterdir()) == []  # take() unlinks the file
+
+
+def test_partitions_of_threads_are_smaller_than_those_sent_between_processes():
+    ids = [str(i) for i in range(4000)]
+    sizes = {}
+    for scheduler in ("threads", "processes"):
+        batches = engine.run_loads(ids, {"x": Filler(64 << 10)}, 2, scheduler, False)
+        sizes[scheduler] = [len(packed.ids) for packed in batches]
+        assert sum(sizes[scheduler]) == len(ids)
+    assert max(sizes["threads"][1:]) == engine.LOCAL_PARTITION_BYTES // (64 << 10)
+    assert max(sizes["processes"][1:]) == engine.PARTITION_BYTES // (64 << 10)
