@@ -22,6 +22,8 @@ import psutil
 import pytest
 
 import h5dask as h5m
+from h5dask import engine
+from h5dask import writer as writer_module
 from h5dask.cli import main as cli
 from h5dask.errors import FileFormatError
 from h5dask.repair import journal_path, needs_repair
@@ -158,9 +160,10 @@ def spawn(tmp_path, *args):
     )
 
 
-def test_kill_9_at_random_moments_then_repair_and_resume(tmp_path, build):
+def test_kill_9_at_random_moments_then_repair_and_resume(tmp_path, build, monkeypatch):
     clean = tmp_path / "clean.h5"
-    build.small_commits()
+    monkeypatch.setattr(engine, "MAX_PARTITION", 16)  # as build.small_commits(), undone after
+    monkeypatch.setattr(writer_module, "FLUSH_BYTES", 16 << 10)
     create(build, clean)
     expected = snapshot(clean)
     rng = random.Random(8)

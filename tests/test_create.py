@@ -858,7 +858,8 @@ def test_spilled_results_gather_many_arrays_into_one_file(tmp_path):
     assert list(tmp_path.iterdir()) == []  # take() unlinks the file
 
 
-def test_partitions_of_threads_are_smaller_than_those_sent_between_processes():
+def test_partitions_of_threads_are_smaller_than_those_sent_between_processes(monkeypatch):
+    monkeypatch.setattr(engine, "LOCAL_PARTITION_SECONDS", 60.0)  # only bytes bound them here
     ids = [str(i) for i in range(4000)]
     sizes = {}
     for scheduler in ("threads", "processes"):
