@@ -18,7 +18,7 @@ cluster too). Peak memory is
 the growth of that (the writer's) process's resident set size over its size
 before the run, sampled every 2 ms by a psutil thread; worker processes are
 not counted, and with ``threads`` the loads run in the writer's process too.
-Each figure is the median of 3 runs (``--small``: 1 run, fewer sources);
+Each figure is the median of 3 runs (``--repeats N``: N runs; ``--small``: 1 run, fewer sources);
 ratios are the plain loop's time over h5dask's. A last table builds N and 10N
 small sources (20,000 and 200,000: past the writer's 16 MiB flush, so that the
 buffer is full in both) and prints the ratio of the peak memory growths
@@ -406,13 +406,14 @@ def bench_memory(root: str, n: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="fewer sources, one run")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each method (median)")
     parser.add_argument("--run", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run:
         method, folder, n, out, n_spin = args.run
         run_child(method, folder, int(n), out, int(n_spin))
         return
-    repeats = 1 if args.small else 3
+    repeats = 1 if args.small else args.repeats
     root = tempfile.mkdtemp(prefix="h5dask-bench-create-")
     try:
         n_spin = calibrate_spin()
