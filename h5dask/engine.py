@@ -248,7 +248,8 @@ def partition_size(n_ids: int, n_workers: int) -> int:
 
 class Partitions:
     """Ids cut into partitions: the first small, the next of about ``nbytes`` of results
-    (:data:`PARTITION_BYTES` by default) and :data:`PARTITION_SECONDS` of loading.
+    and ``seconds`` of loading (by default :data:`PARTITION_BYTES` and
+    :data:`PARTITION_SECONDS`: what suits tasks of other processes).
 
     A partition has at most ``most`` ids; once :meth:`observe` has seen results,
     fewer when sources are large, so that the partitions in flight weigh about
@@ -518,8 +519,8 @@ def _local_pool(kind: str, n_workers: int) -> Iterator[Callable]:
         yield _SyncSubmit()
         return
     pool: Executor
-    throttle = Throttle(n_workers)
-    if kind == "threads":
+    throttle = Throttle(n_workers) if kind == "threads" else None
+    if throttle is not None:
         pool = ThreadPoolExecutor(n_workers)
         submit = functools.partial(pool.submit, throttle.run)
     else:
@@ -531,7 +532,8 @@ def _local_pool(kind: str, n_workers: int) -> Iterator[Callable]:
     try:
         yield submit
     finally:
-        throttle.close()
+        if throttle is not None:
+            throttle.close()
         pool.shutdown(wait=True, cancel_futures=True)
 
 
