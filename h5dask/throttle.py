@@ -11,6 +11,7 @@ A :class:`Throttle` measures which kind it has: the first partitions run on
 one thread, the next ones on every thread (about :data:`PROBE_SECONDS` of
 loading each, the very first partition not counted: it warms up); it compares
 the loading time per source and keeps the faster for the rest of the build.
+The decision is taken as a partition ends, before the next one starts.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ __all__ = ["Throttle"]
 
 log = logging.getLogger("h5dask")
 
-PROBE_SECONDS = 0.1  # of loading measured on one thread, then on each thread of the pool
+PROBE_SECONDS = 0.1  # of loading measured on one thread, then on all threads together
 SPEEDUP = 1.2  # the least gain of all threads over one that keeps them all
 
 
@@ -65,12 +66,12 @@ class Throttle:
             measured, level = ticket > 0, self.limit
         try:
             packed = fn(*args)
+            if measured:  # before the next task starts, under the limit this one decides
+                self._observe(level, len(packed.ids), packed.seconds)
         finally:
             with self._changed:
                 self._active -= 1
                 self._changed.notify_all()
-        if measured:
-            self._observe(level, len(packed.ids), packed.seconds)
         return packed
 
     def close(self) -> None:
@@ -88,11 +89,10 @@ class Throttle:
                 return
             self._sources[level] += sources
             self._seconds[level] += seconds
-            if self._seconds[level] < PROBE_SECONDS * level:
+            if self._seconds[level] < PROBE_SECONDS:
                 return
             if level == 1:
                 self.limit = self.threads
-                self._changed.notify_all()
             else:
                 self._decide()
 
