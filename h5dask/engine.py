@@ -59,7 +59,7 @@ FIRST_PARTITION = 32
 PARTITION_BYTES = 8 << 20  # of results a task sends from another process
 LOCAL_PARTITION_BYTES = 4 << 20  # of results a thread of this process hands over
 PARTITION_SECONDS = 1.0  # of loading in a task of another process
-LOCAL_PARTITION_SECONDS = 0.05  # of loading in a thread of this process
+LOCAL_PARTITION_SECONDS = 0.02  # of loading in a thread of this process
 SHARED_IDS = 1 << 15  # ids scattered at once to the workers of a cluster
 
 
