@@ -7,11 +7,13 @@ than the call (the convoy effect; 20,000 small ``.npy`` files load 1.6x
 slower on 2 threads than on 1 here). Loads that release the GIL for long
 (network, decompression, large reads) run faster on more threads.
 
-A :class:`Throttle` measures which kind it has: the first partitions run on
-one thread, the next ones on every thread (about :data:`PROBE_SECONDS` of
-loading each, the very first partition not counted: it warms up); it compares
-the loading time per source and keeps the faster for the rest of the build.
-The decision is taken as a partition ends, before the next one starts.
+A :class:`Throttle` measures which kind it has. The first partitions run on
+one thread until they have loaded for about :data:`PROBE_SECONDS` (the very
+first partition is not counted: it warms up); the next ones run on every
+thread until partitions that ran together have loaded as long (in practice,
+the first of them to end). It compares the loading time per source and keeps
+the faster for the rest of the build, deciding as that partition ends, before
+the next one starts.
 """
 
 from __future__ import annotations
