@@ -151,7 +151,7 @@ class Packed:
         return loose + sum(a.nbytes for a in self.values.values())
 
     def unspill(self) -> Packed:
-        """Read back the values :meth:`spill` wrote; return self (in the writer)."""
+        """Map back the values that the worker wrote to files (:class:`Spilled`); return self."""
         for path, value in self.values.items():
             if isinstance(value, Spilled):
                 self.values[path] = value.take()
