@@ -11,12 +11,14 @@ finishes first, which makes the output independent of the scheduler.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import os
 import pickle
 import re
+import shutil
 import tempfile
 import time
 import uuid
@@ -56,11 +58,14 @@ MAX_PARTITION = 2048
 SPILL_BYTES = 64 << 10
 IOV_MAX = 1024  # buffers one writev takes (Linux, macOS)
 FIRST_PARTITION = 32
-PARTITION_BYTES = 8 << 20  # of results a task sends from another process
+PARTITION_BYTES = 32 << 20  # of results a task sends from another process
+MIN_SPILL_PARTITION = 1 << 20  # of results a task spills to shared memory, or it sends them
 LOCAL_PARTITION_BYTES = 4 << 20  # of results a thread of this process hands over
 PARTITION_SECONDS = 1.0  # of loading in a task of another process
 LOCAL_PARTITION_SECONDS = 0.02  # of loading in a thread of this process
 SHARED_IDS = 1 << 15  # ids scattered at once to the workers of a cluster
+
+log = logging.getLogger("h5dask")
 
 
 @dataclass(frozen=True)
@@ -81,21 +86,21 @@ class Spilled:
         return int(np.dtype(self.dtype).itemsize * math.prod(self.shape))
 
     @classmethod
-    def write(cls, folder: str, arrays: list[np.ndarray]) -> Spilled:
+    def write(cls, folder: str, arrays: list[np.ndarray]) -> Spilled | None:
         """Write the concatenation of ``arrays`` (one dtype, one trailing shape) to a new
-        file in ``folder``, with no concatenated copy: one ``writev`` gathers them."""
+        file in ``folder``, with no concatenated copy: one ``writev`` gathers them.
+
+        Return ``None``, leaving no file, if the folder cannot take them (it is
+        full or gone): the task then sends the arrays themselves.
+        """
         filename = os.path.join(folder, uuid.uuid4().hex)
         buffers = [memoryview(np.ascontiguousarray(a)).cast("B") for a in arrays if a.size]
-        fd = os.open(filename, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            while buffers:
-                written = os.writev(fd, buffers[:IOV_MAX])
-                while written and written >= len(buffers[0]):
-                    written -= len(buffers.pop(0))
-                if written:  # a short write ended inside a buffer
-                    buffers[0] = buffers[0][written:]
-        finally:
-            os.close(fd)
+            _write_all(filename, buffers)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.remove(filename)
+            return None
         rows = sum(a.shape[0] for a in arrays)
         return cls(filename, arrays[0].dtype.str, (rows, *arrays[0].shape[1:]))
 
@@ -107,6 +112,20 @@ class Spilled:
         array = np.memmap(self.filename, dtype=self.dtype, mode="r", shape=self.shape)
         os.remove(self.filename)
         return array
+
+
+def _write_all(filename: str, buffers: list[memoryview]) -> None:
+    """Write ``buffers`` end to end to a new file, ``IOV_MAX`` of them per ``writev``."""
+    fd = os.open(filename, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        while buffers:
+            written = os.writev(fd, buffers[:IOV_MAX])
+            while written and written >= len(buffers[0]):
+                written -= len(buffers.pop(0))
+            if written:  # a short write ended inside a buffer
+                buffers[0] = buffers[0][written:]
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -233,11 +252,14 @@ def _pack(
         present = [a for a in arrays if a is not None]
         if len({(a.dtype, a.shape[1:]) for a in present}) != 1 or present[0].dtype.kind == "O":
             packed.loose[path] = {k: a for k, a in enumerate(arrays) if a is not None}
-        elif spill and sum(a.nbytes for a in present) >= SPILL_BYTES:
-            packed.values[path] = Spilled.write(spill, present)
-            packed.rows[path] = row_counts(arrays)
-        else:
+            continue
+        spilled = None
+        if spill and sum(a.nbytes for a in present) >= SPILL_BYTES:
+            spilled = Spilled.write(spill, present)
+        if spilled is None:
             packed.values[path], packed.rows[path] = concat_rows(arrays)
+        else:
+            packed.values[path], packed.rows[path] = spilled, row_counts(arrays)
     return packed
 
 
@@ -324,28 +346,48 @@ def run_loads(
     """
     if not ids:
         return
-    with _scheduler(scheduler, n_workers) as where, _spill_folder(where.local) as spill:
-        most = partition_size(len(ids), where.workers)
-        if where.processes:
-            parts = Partitions(ids, most)
-        else:
-            parts = Partitions(ids, most, LOCAL_PARTITION_BYTES, LOCAL_PARTITION_SECONDS)
-        name = f"{desc} ({where.name})"
-        with tqdm(total=len(ids), disable=not progress, unit="src", desc=name) as bar:
+    with _scheduler(scheduler, n_workers) as where:
+        most, window = partition_size(len(ids), where.workers), 2 * where.workers + 2
+        bar = tqdm(total=len(ids), disable=not progress, unit="src", desc=f"{desc} ({where.name})")
+        with _spill_folder(where.local, window * MIN_SPILL_PARTITION) as spill, bar:
+            if not where.processes:
+                parts = Partitions(ids, most, LOCAL_PARTITION_BYTES, LOCAL_PARTITION_SECONDS)
+            else:  # the partitions in flight take at most half of the spill folder's room
+                nbytes = PARTITION_BYTES
+                if spill is not None:
+                    nbytes = min(nbytes, shutil.disk_usage(spill).free // (2 * window))
+                parts = Partitions(ids, most, nbytes, PARTITION_SECONDS)
             calls = _calls(where, ids, parts, schema, spill)
-            for packed in _in_order(where.submit, calls, window=2 * where.workers + 2):
+            for packed in _in_order(where.submit, calls, window):
                 parts.observe(packed)
                 yield packed.unspill()
                 bar.update(len(packed.ids))
 
 
 @contextmanager
-def _spill_folder(local: bool) -> Iterator[str | None]:
-    """A shared-memory folder for results of worker processes on this machine, if any."""
+def _spill_folder(local: bool, needed: int) -> Iterator[str | None]:
+    """A shared-memory folder for results of worker processes on this machine, if any.
+
+    None, with a warning, when it has less than ``needed`` bytes free: results
+    then travel through sockets.
+    """
     if not local:
         yield None
         return
     base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    folder = base or tempfile.gettempdir()
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        log.warning(
+            "%s has %d MiB free, less than the %d MiB that results in flight need: worker "
+            "processes send their results through sockets instead, which is slower; give it "
+            "more room (docker run --shm-size=1g)",
+            folder,
+            free >> 20,
+            needed >> 20,
+        )
+        yield None
+        return
     with tempfile.TemporaryDirectory(prefix="h5dask-", dir=base, ignore_cleanup_errors=True) as d:
         yield d
 

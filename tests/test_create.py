@@ -8,8 +8,11 @@ can import them (pytest puts ``tests/`` on ``sys.path``, which spawned workers i
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +22,7 @@ import time
 import tracemalloc
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import distributed
@@ -858,8 +862,79 @@ def test_spilled_results_gather_many_arrays_into_one_file(tmp_path):
     assert list(tmp_path.iterdir()) == []  # take() unlinks the file
 
 
+class ById(h5m.Feature):
+    """16 KiB of float32 a source, each holding the source's number."""
+
+    def load(self, source):
+        return np.full((1, 4096), float(source), dtype=np.float32)
+
+
+@contextmanager
+def file_size_limit(nbytes: int):
+    """Writes past ``nbytes`` fail (EFBIG), as they fail on a full /dev/shm (ENOSPC)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_results_the_spill_folder_cannot_take_are_sent_instead(tmp_path):
+    ids = [str(i) for i in range(32)]  # 512 KiB of results: past SPILL_BYTES
+    expected = np.repeat(np.arange(32, dtype=np.float32), 4096).reshape(32, 4096)
+    assert engine.Spilled.write(str(tmp_path / "gone"), [expected]) is None
+    full = tmp_path / "full"
+    full.mkdir()
+    with file_size_limit(100_000):  # the write stops part of the way
+        assert engine.Spilled.write(str(full), [expected]) is None
+        packed = engine.load_partition(ids, {"x": ById()}, spill=str(full))
+    assert list(full.iterdir()) == []  # no partial file is left behind
+    assert type(packed.values["x"]) is np.ndarray and packed.dense
+    np.testing.assert_array_equal(packed.values["x"], expected)
+    assert packed.rows["x"].tolist() == [1] * 32
+
+
+def test_without_room_in_shared_memory_results_travel_through_sockets(tmp_path, caplog):
+    free = shutil.disk_usage(tempfile.gettempdir()).free
+    with caplog.at_level(logging.WARNING, logger="h5dask"):
+        with engine._spill_folder(True, free + (1 << 40)) as folder:
+            assert folder is None
+    assert "MiB free, less than the" in caplog.text and "--shm-size" in caplog.text
+    with engine._spill_folder(True, 1 << 20) as folder:  # any machine has a MiB free
+        assert folder is not None and os.path.isdir(folder)
+    sources = [str(i) for i in range(100)]
+    reference = build(tmp_path / "sync.h5", sources, {"x": ById()}, scheduler="sync")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="h5dask"):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(engine, "MIN_SPILL_PARTITION", 1 << 50)  # no /dev/shm is that big
+            build(tmp_path / "p.h5", sources, {"x": ById()}, scheduler="processes", n_workers=2)
+    assert "send their results through sockets" in caplog.text
+    assert snapshot(tmp_path / "p.h5") == snapshot(reference.filename)
+
+
+def test_partitions_shrink_to_fit_a_small_shared_memory(monkeypatch):
+    """As in a Docker container's 64 MiB /dev/shm: half of it holds the partitions in flight."""
+    usage = shutil.disk_usage
+
+    def small_shm(path):
+        return usage(path)._replace(free=64 << 20) if "h5dask-" in str(path) else usage(path)
+
+    monkeypatch.setattr(engine.shutil, "disk_usage", small_shm)
+    ids = [str(i) for i in range(4000)]
+    batches = engine.run_loads(ids, {"x": Filler(64 << 10)}, 2, "processes", False)
+    sizes = [len(packed.ids) for packed in batches]
+    window = 2 * 2 + 2
+    assert sum(sizes) == len(ids)
+    assert max(sizes[1:]) == (64 << 20) // (2 * window) // (64 << 10)
+
+
 def test_partitions_of_threads_are_smaller_than_those_sent_between_processes(monkeypatch):
     monkeypatch.setattr(engine, "LOCAL_PARTITION_SECONDS", 60.0)  # only bytes bound them here
+    monkeypatch.setattr(engine, "PARTITION_BYTES", 8 << 20)  # below the cap of 250 sources
     ids = [str(i) for i in range(4000)]
     sizes = {}
     for scheduler in ("threads", "processes"):
