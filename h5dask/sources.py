@@ -6,8 +6,12 @@ is an id as it is (``"0"`` or ``"run-3"`` are fine sources).
 
 Notes
 -----
-- A local source is a directory when :func:`os.path.isdir` says so (one ``stat`` per
-  source; a missing path is kept, to fail when loaded, unless it ends with a separator).
+- A local source is a directory when it is one (links followed); a missing path is kept,
+  to fail when loaded, unless it ends with a separator. Rather than one ``stat`` per
+  source (a network round trip each on NFS or Lustre), each folder holding sources is
+  listed once, if it holds at most :data:`LISTED_PER_SOURCE` entries per source in it;
+  otherwise each of its sources gets a ``stat``. A listing matches names exactly: on a
+  case-insensitive file system, spell a directory as it is spelled on disk.
   A URL is listed when it ends with ``"/"`` or holds glob characters; otherwise it is
   asked ``fs.isdir`` only where that is cheap (``memory``, ``file``): a plain
   ``http://host/dir`` is a file, and many plain URLs cost no network round trip.
@@ -34,6 +38,7 @@ import contextlib
 import os
 import re
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import IO, Any, Union
 
@@ -50,6 +55,8 @@ _MAGIC = re.compile(r"[*?\[]")
 _HTTP_MAGIC = re.compile(r"[*\[]")
 _CHEAP_ISDIR = frozenset({"memory", "file", "local"})
 _HTTP = frozenset({"http", "https"})
+_SEPARATORS = ("/", os.sep)
+LISTED_PER_SOURCE = 8  # folder entries read per local source, before stat is cheaper
 
 
 def source_protocol(source: SourceLike) -> str:
@@ -141,12 +148,12 @@ def expand_sources(
     elif isinstance(sources, (bytes, bytearray)):
         raise TypeError("sources must be str, os.PathLike or an iterable of them, not bytes")
     search = re.compile(pattern).search if pattern is not None else None
-    lister = _Lister(storage_options or {})
+    if not isinstance(sources, (list, tuple)):
+        sources = list(sources)
+    lister = _Lister(storage_options or {}, _LocalDirs(map(_to_str, sources)))
     out: list[str] = []
     empty: list[str] = []
-    n_given = 0
     for source in sources:
-        n_given += 1
         s = _to_str(source)
         expanded = lister.expand(s)
         if expanded is None:
@@ -157,7 +164,7 @@ def expand_sources(
         if not expanded:
             empty.append(s)
         out.extend(expanded)
-    if n_given == 0:
+    if not sources:
         raise SourceError("no sources given")
     if empty and out:
         warnings.warn(f"sources with no files{_filtered(pattern)}: {_some(empty)}")
@@ -235,8 +242,9 @@ def _to_str(source: object) -> str:
 class _Lister:
     """Expands sources one by one, caching protocol checks and filesystems."""
 
-    def __init__(self, options: dict[str, Any]):
+    def __init__(self, options: dict[str, Any], local_dirs: _LocalDirs):
         self.options = options
+        self.local_dirs = local_dirs
         self.known: dict[str, bool] = {}
         self.filesystems: dict[str, fsspec.AbstractFileSystem] = {}
 
@@ -248,6 +256,8 @@ class _Lister:
 
     def expand(self, s: str) -> list[str] | None:
         """The ids of one source, or None when it is kept as it is."""
+        if _plain_local(s):
+            return _walk(self.fs("file"), s) if self.local_dirs.isdir(s) else None
         m = _URL.match(s) if "://" in s else None
         if m is None:
             if "::" in s and "://" in s:
@@ -256,9 +266,7 @@ class _Lister:
                 return _glob(self.fs("file"), s)
             if os.path.isdir(s):
                 return _walk(self.fs("file"), s)
-            if s.endswith(("/", os.sep)):
-                raise SourceError(f"source {s!r} ends with a separator but is not a directory")
-            return None
+            raise SourceError(f"source {s!r} ends with a separator but is not a directory")
         protocol = m.group(1)
         if protocol not in self.known:
             self.known[protocol] = protocol in fsspec.available_protocols()
@@ -281,6 +289,57 @@ class _Lister:
         except Exception as exc:
             raise SourceError(f"cannot list source {s!r}: {_describe(exc)}") from exc
         return None
+
+
+def _plain_local(s: str) -> bool:
+    """Whether ``s`` is a local path with no glob and no separator at its end."""
+    if "://" in s and (_URL.match(s) or "::" in s):
+        return False  # a URL or a chained URL
+    return not s.endswith(_SEPARATORS) and not _MAGIC.search(s)
+
+
+class _LocalDirs:
+    """Tells which plain local paths are directories, listing each of their folders once
+    (see the module's notes). It keeps the names of sub-folders only, never one per file."""
+
+    def __init__(self, sources: Iterable[str]):
+        self.counts = Counter(_split(s)[0] for s in sources if _plain_local(s))
+        self.subdirs: dict[str, frozenset[str] | None] = {}
+
+    def isdir(self, path: str) -> bool:
+        folder, name = _split(path)
+        if folder not in self.subdirs:
+            most = LISTED_PER_SOURCE * self.counts[folder]
+            self.subdirs[folder] = _subdirs(folder or os.curdir, most)
+        subdirs = self.subdirs[folder]
+        if subdirs is None or name in (os.curdir, os.pardir):
+            return os.path.isdir(path)
+        return name in subdirs
+
+
+def _subdirs(folder: str, most: int) -> frozenset[str] | None:
+    """The names of the directories in ``folder`` (links to one included, as
+    :func:`os.path.isdir` follows them), or None if it holds more than ``most`` entries
+    or cannot be listed."""
+    names = []
+    try:
+        with os.scandir(folder) as entries:
+            for k, entry in enumerate(entries):
+                if k == most:
+                    return None
+                if entry.is_dir():
+                    names.append(entry.name)
+    except OSError:
+        return None
+    return frozenset(names)
+
+
+def _split(path: str) -> tuple[str, str]:
+    """:func:`os.path.split`, faster where ``/`` is the only separator."""
+    if os.altsep:
+        return os.path.split(path)
+    head, sep, name = path.rpartition("/")
+    return head.rstrip("/") or sep, name
 
 
 def _walk(fs: fsspec.AbstractFileSystem, top: str) -> list[str]:

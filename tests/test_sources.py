@@ -105,13 +105,46 @@ def stats(monkeypatch):
     return calls
 
 
-def test_many_plain_strings_stat_each_at_most_once(tmp_path, monkeypatch, stats):
+def test_many_plain_strings_cost_one_listing_not_a_stat_each(tmp_path, monkeypatch, stats):
     monkeypatch.chdir(tmp_path)
     sources = [str(i) for i in range(100_000)]
     ids = expand_sources(sources)
     monkeypatch.undo()
     assert ids == sources
-    assert len(stats) <= len(sources)  # speed is measured in benchmarks/, not here
+    assert stats == []  # speed is measured in benchmarks/, not here
+
+
+def test_files_of_a_folder_are_told_from_directories_by_one_listing(tmp_path, monkeypatch, stats):
+    names = [f"{i:03d}.npy" for i in range(200)]
+    write(tmp_path / "data", names)
+    monkeypatch.chdir(tmp_path)
+    sources = [f"data/{n}" for n in reversed(names)]
+    stats.clear()
+    ids = expand_sources(sources)
+    monkeypatch.undo()
+    assert ids == sources
+    assert stats == []  # no stat per file: a NFS or Lustre round trip each
+
+
+def test_sources_the_listing_does_not_reach_get_their_stat(tree, monkeypatch, stats):
+    monkeypatch.setattr("h5dask.sources.LISTED_PER_SOURCE", 0)
+    ids = expand_sources(["data/imgs/b.png", "data/imgs/a", "missing.png"])
+    in_a = expected("data/imgs/a/", ["1.png", "2.png", "deep/3.jpg"])
+    assert ids == ["data/imgs/b.png", *in_a, "missing.png"]
+    assert {"data/imgs/b.png", "data/imgs/a", "missing.png"} <= set(stats)
+
+
+def test_directories_among_files_are_walked_whatever_their_spelling(tree):
+    assert expand_sources(["data/imgs/b.png", "data/."])[1:] == expected("data/./imgs/")
+    os.symlink(tree / "data" / "imgs" / "a", tree / "data" / "link")
+    sources = ["data/imgs/z.txt", "data/link", "data/imgs/a/deep", "data/imgs/a/deep/..", "7"]
+    assert expand_sources(sources) == [
+        "data/imgs/z.txt",
+        *expected("data/link/", ["1.png", "2.png", "deep/3.jpg"]),
+        "data/imgs/a/deep/3.jpg",
+        *expected("data/imgs/a/deep/../", ["1.png", "2.png", "deep/3.jpg"]),
+        "7",
+    ]
 
 
 def test_many_plain_urls_touch_no_file_system(monkeypatch, stats):
