@@ -79,9 +79,9 @@ def _feature_row(f: h5py.File, path: str, node: fmt.Node, n: int, shown: int) ->
 
 
 def _attrs(f: h5py.File, paths: list[str]) -> dict[str, dict[str, Any]]:
-    out = {}
+    out, reached = {}, {}
     for path in paths:
-        obj = fmt.hard_get(f, path)  # never through a soft or external link
+        obj = fmt.hard_get(f, path, reached)  # never through a soft or external link
         attrs = fmt.read_attrs(obj) if obj is not None else {}
         if not path:
             attrs = {k: v for k, v in attrs.items() if k not in ROOT_ATTRS}

@@ -49,13 +49,25 @@ def is_feature_group(obj: Any) -> bool:
     )
 
 
-def hard_get(f: h5py.File, path: str) -> h5py.HLObject | None:
-    """The object at ``path`` reached through hard links only, else None (never opens a file)."""
-    obj: Any = f
-    for part in filter(None, path.split("/")):
-        if not isinstance(obj, h5py.Group) or _hard_class(obj, part) is None:
+def hard_get(
+    f: h5py.File, path: str, reached: dict[str, Any] | None = None
+) -> h5py.HLObject | None:
+    """The object at ``path`` reached through hard links only, else None (never opens a file).
+
+    ``reached`` keeps the objects met on the way, by path: a walk to many paths
+    of one file starts from the deepest one reached before, so deep groups cost
+    one step a level, not one a level and a path.
+    """
+    parts = [part for part in path.split("/") if part]
+    reached = {} if reached is None else reached
+    known = len(parts)
+    while known and "/".join(parts[:known]) not in reached:
+        known -= 1
+    obj: Any = reached["/".join(parts[:known])] if known else f
+    for k in range(known, len(parts)):
+        if not isinstance(obj, h5py.Group) or _hard_class(obj, parts[k]) is None:
             return None
-        obj = obj[part]
+        obj = reached["/".join(parts[: k + 1])] = obj[parts[k]]
     return obj
 
 

@@ -251,3 +251,18 @@ def test_append_blocks_writes_any_blocks_over_any_chunks(tmp_path):
                 expected += [int(v) for b in blocks for v in b[:, 0]]
             assert ds[:, 0].tolist() == expected, (trial, step)
             assert (ds[:, 1] == ds[:, 0]).all()
+
+
+def test_hard_get_goes_on_from_the_deepest_group_it_reached(tmp_path):
+    path = "/".join(f"g{k}" for k in range(300))
+    with h5py.File(tmp_path / "deep.h5", "w") as f:
+        f.create_group(path).attrs["depth"] = 300
+        f["g0/soft"] = h5py.SoftLink("/g0")
+        reached: dict = {}
+        assert fmt.hard_get(f, path, reached).attrs["depth"] == 300
+        assert len(reached) == 300 and reached[path].name == "/" + path
+        middle = reached["g0/g1/g2"]
+        assert fmt.hard_get(f, "g0/g1/g2", reached) is middle  # no walk: reached before
+        assert fmt.hard_get(f, path + "/missing", reached) is None
+        assert fmt.hard_get(f, "g0/soft/g1", reached) is None  # never through a soft link
+        assert fmt.hard_get(f, "g0/g1").name == "/g0/g1"  # without a cache too
