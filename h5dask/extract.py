@@ -6,8 +6,9 @@ arrays and never touches the HDF5 file.
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -42,7 +43,7 @@ def load_schema(source: Any, schema: Mapping[str, Any], prefix: str = "") -> Res
             if feature.derived_from not in out:
                 continue
             arg = out[feature.derived_from]
-        elif isinstance(source, str) and re.search(feature.__re__, source) is None:
+        elif isinstance(source, str) and not _matches(feature.__re__, source):
             continue
         else:
             arg = source
@@ -54,6 +55,17 @@ def load_schema(source: Any, schema: Mapping[str, Any], prefix: str = "") -> Res
         if value is not None:
             out[name] = value
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def _search(pattern: str) -> Callable[[str], Any] | None:
+    """The ``search`` of a compiled ``pattern``; None for ``.*``, which every source matches."""
+    return None if pattern == ".*" else re.compile(pattern).search
+
+
+def _matches(pattern: str, source: str) -> bool:
+    search = _search(pattern)
+    return search is None or search(source) is not None
 
 
 def _call_load(feature: Any, arg: Any, source: Any, path: str) -> Any:
@@ -78,6 +90,8 @@ def normalize(value: Any, source: Any = "", path: str = "") -> Any:
     >>> normalize({"a": "text", "b": None})
     {'a': array(['text'], dtype='<U4')}
     """
+    if type(value) is np.ndarray:  # the usual result, before slower checks
+        return _normalize_array(value, source, path)
     if value is None:
         return None
     if isinstance(value, Mapping):
@@ -137,7 +151,7 @@ def flatten(result: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray
     """
     flat: dict[str, np.ndarray] = {}
     for key, value in result.items():
-        if isinstance(value, Mapping):
+        if type(value) is not np.ndarray and isinstance(value, Mapping):
             flat.update(flatten(value, f"{prefix}{key}/"))
         else:
             flat[prefix + key] = value
