@@ -348,8 +348,11 @@ def run_loads(
         return
     with _scheduler(scheduler, n_workers) as where:
         most, window = partition_size(len(ids), where.workers), 2 * where.workers + 2
-        bar = tqdm(total=len(ids), disable=not progress, unit="src", desc=f"{desc} ({where.name})")
-        with _spill_folder(where.local, window * MIN_SPILL_PARTITION) as spill, bar:
+        name = f"{desc} ({where.name})"
+        with (
+            _spill_folder(where.local, window * MIN_SPILL_PARTITION) as spill,
+            tqdm(total=len(ids), disable=not progress, unit="src", desc=name) as bar,
+        ):
             if not where.processes:
                 parts = Partitions(ids, most, LOCAL_PARTITION_BYTES, LOCAL_PARTITION_SECONDS)
             else:  # the partitions in flight take at most half of the spill folder's room
