@@ -98,6 +98,12 @@ def _finish_interrupted_commit(filename: str, mode: str) -> None:
             f"{filename!r} holds an unfinished commit: the process writing it died. Run "
             f"`h5dask repair {filename}` (or open it for writing) to restore its last commit"
         )
+    if state == "unknown":
+        raise FileFormatError(
+            f"{filename!r} holds an unfinished commit: a process is committing to it, or died "
+            "while committing (its file system has no locks to tell which). Retry in a "
+            f"moment; if no process writes it, run `h5dask repair {filename}`"
+        )
 
 
 def journal_state(filename: str) -> str:
@@ -105,22 +111,25 @@ def journal_state(filename: str) -> str:
 
     ``"live"``: a writer holds the journal; ``"dead"``: the writer died
     mid-commit; ``"none"``: no commit is open (or the one seen ended meanwhile:
-    a writer unlinks its journal, then lets go of its lock).
+    a writer unlinks its journal, then lets go of its lock); ``"unknown"``: a
+    commit is open, live or dead, on a file system without locks to tell.
     """
     import fcntl
 
-    from .repair import journal_path
+    from .repair import flock, journal_path
 
     try:
         fd = os.open(journal_path(filename), os.O_RDONLY)
     except FileNotFoundError:
         return "none"
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        locked = flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return "live"
     else:
-        return "dead" if os.fstat(fd).st_nlink else "none"
+        if not os.fstat(fd).st_nlink:
+            return "none"
+        return "dead" if locked else "unknown"
     finally:
         os.close(fd)
 

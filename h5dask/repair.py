@@ -14,6 +14,7 @@ the last commit. ``docs/RELIABILITY.md`` describes the guarantees.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import struct
@@ -35,6 +36,7 @@ LOCK_WAIT = 10.0
 MAGIC = b"H5DJRNL1"
 HEADER = struct.Struct("<8sQI")  # magic, length of the file before the commit, crc
 RECORD = struct.Struct("<QII")  # offset, length, crc of the data
+NO_LOCKS = frozenset({errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
 
 
 def journal_path(filename: str | os.PathLike) -> str:
@@ -57,7 +59,8 @@ def repair(filename: str | os.PathLike) -> bool:
     Raises
     ------
     FileFormatError
-        A live process is writing the file, or the journal is not an h5dask journal.
+        A live process is writing the file (on file systems with locks: elsewhere,
+        make sure none is), or the journal is not an h5dask journal.
 
     Examples
     --------
@@ -84,9 +87,26 @@ def repair(filename: str | os.PathLike) -> bool:
     return True
 
 
+def flock(fd: int, operation: int) -> bool:
+    """``fcntl.flock(fd, operation)``, or False where the file system has no locks.
+
+    NFS without its lock daemon and Lustre mounted without ``flock`` refuse
+    locks; h5dask then goes on unlocked, as HDF5 does with locking off (one
+    process must write a file at a time). A lock that another process holds
+    raises :class:`BlockingIOError` (with ``LOCK_NB``).
+    """
+    try:
+        fcntl.flock(fd, operation)
+    except OSError as exc:
+        if exc.errno not in NO_LOCKS:
+            raise
+        return False
+    return True
+
+
 def _lock(fd: int, filename: str | os.PathLike) -> None:
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         raise FileFormatError(
             f"{os.fspath(filename)!r} is being written by another process (its journal is locked)"
@@ -127,7 +147,7 @@ class JournaledFile:
         if lock:
             _lock_data(self._f.fileno(), filename)
         self._journal = os.open(journal_path(filename), os.O_RDWR | os.O_CREAT | os.O_TRUNC)
-        fcntl.flock(self._journal, fcntl.LOCK_EX)
+        flock(self._journal, fcntl.LOCK_EX)
         self.size = os.fstat(self._f.fileno()).st_size
         head = HEADER.pack(MAGIC, self.size, 0)[:16]
         os.write(self._journal, head + struct.pack("<I", zlib.crc32(head)))
@@ -189,7 +209,7 @@ def _lock_data(fd: int, filename: str) -> None:
     deadline = time.monotonic() + LOCK_WAIT
     while True:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return
         except BlockingIOError:
             if time.monotonic() > deadline:

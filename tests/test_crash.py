@@ -358,3 +358,35 @@ def test_a_commit_that_ends_while_a_reader_checks_is_no_dead_writer(tmp_path, mo
 
     monkeypatch.setattr(fcntl, "flock", commit_ends_first)
     assert handle.journal_state(str(path)) == "none"
+
+
+def test_file_systems_without_locks_write_repair_and_explain(tmp_path, monkeypatch):
+    """As on NFS without its lock daemon or Lustre without ``flock``: every flock fails."""
+    import errno
+    import fcntl
+
+    from h5dask.repair import JournaledFile
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    path = tmp_path / "n.h5"
+    with h5m.TypedFile(path, mode="w") as file:  # commits go through the journal, unlocked
+        for i in range(20):
+            file.add(str(i), {"x": np.full(3, i)})
+    assert not needs_repair(path)
+    committed = path.read_bytes()
+    raw = JournaledFile(str(path))  # a writer that dies mid-commit, having overwritten
+    raw.seek(0)
+    raw.write(b"\0" * 4096)
+    raw.abandon()
+    assert path.read_bytes() != committed
+    with pytest.raises(FileFormatError, match="no locks to tell which") as info:
+        h5m.TypedFile(path, mode="r")
+    assert str(path) in str(info.value) and "h5dask repair" in str(info.value)
+    with h5m.TypedFile(path, mode="a") as file:  # a writer undoes the dead commit first
+        file.add("20", {"x": np.full(3, 20)})
+    with h5m.TypedFile(path, mode="r") as file:
+        assert [file.x.get(str(i)).tolist() for i in range(21)] == [[i] * 3 for i in range(21)]
+    assert not needs_repair(path)
