@@ -46,6 +46,7 @@ from .errors import (
 from .feature import Feature, Group
 from .handle import FileHandle, as_reader, open_h5
 from .index import IdIndex
+from .repair import NO_LOCKS
 
 if TYPE_CHECKING:
     from .proxy import DatasetProxy
@@ -416,8 +417,7 @@ class _FileLock:
     def hold(self, filename: str, exclusive: bool) -> Iterator[None]:
         with self.rlock:
             if self.depth == 0:
-                self.fd = os.open(filename, os.O_RDWR if exclusive else os.O_RDONLY)
-                fcntl.lockf(self.fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+                self.fd = _locked(filename, exclusive)
             self.depth += 1
             try:
                 yield
@@ -426,6 +426,30 @@ class _FileLock:
                 if self.depth == 0:
                     os.close(self.fd)  # closing it releases the process lock
                     self.fd = None
+
+
+def _locked(filename: str, exclusive: bool) -> int:
+    """A descriptor of ``filename`` holding a process lock on it.
+
+    Raises
+    ------
+    FileFormatError
+        Its file system has no locks (NFS without its lock daemon, Lustre
+        mounted without ``flock``).
+    """
+    fd = os.open(filename, os.O_RDWR if exclusive else os.O_RDONLY)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno not in NO_LOCKS:
+            raise
+        raise FileFormatError(
+            f"cannot lock {filename!r} ({exc.strerror}): map() into the file it reads keeps "
+            "its reads and writes apart with file locks, which this file system does not "
+            "have; give map() a destination= file elsewhere"
+        ) from exc
+    return fd
 
 
 class _LockedHandle(FileHandle):

@@ -334,3 +334,21 @@ def test_map_resumes_and_skips(recordings):
     assert len(calls) == len(failed)  # only the ids not stored yet run again
     assert len(file.n) == stored + len(failed)
     assert all(file.n.get(id)[0] == len(a) for id, a in arrays.items())
+
+
+def test_map_into_its_own_file_without_file_locks_is_a_clear_error(recordings, monkeypatch):
+    """As on NFS without its lock daemon: every lockf fails with ENOLCK."""
+    import errno
+    import fcntl
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    file, _ = recordings
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    with pytest.raises(h5m.errors.LoadError, match="destination=") as info:
+        file.signal.map({"stats/n2": n_rows}, scheduler="sync", progress=False)
+    message = str(info.value)  # the first source, the feature, the file and the cause
+    assert "source 'rec-0000', feature 'stats/n2'" in message and file.filename in message
+    assert "No locks available" in message
+    assert isinstance(info.value.__cause__, h5m.errors.FileFormatError)
