@@ -443,7 +443,8 @@ class TypedFile:
         cache = self._cache
         cache.pop("layout", None)
         if "index" in cache:
-            cache["index"] = cache["index"].extended(commit.new_ids)
+            new = commit.new_ids if commit.new_keys is None else commit.new_keys
+            cache["index"] = cache["index"].extended(new)
         for key in [key for key in cache if key.startswith("refs:")]:
             cache[key] = commit.updated_refs(key.removeprefix("refs:"), cache[key])
 

@@ -28,6 +28,7 @@ from . import format as fmt
 from .errors import ConcatError, DiskFullError
 from .extract import flatten
 from .handle import forks
+from .index import utf8_keys
 
 if TYPE_CHECKING:
     from .typed_file import TypedFile
@@ -37,6 +38,7 @@ __all__ = ["Writer", "Spec", "Block", "Commit", "concat_rows", "row_counts"]
 FLUSH_BYTES = 16 << 20
 FLUSH_SECONDS = 1.0
 SPACE_MARGIN = 4 << 20
+RUN_BYTES = 4 << 20
 
 
 @dataclass
@@ -98,12 +100,14 @@ class Block:
 
 @dataclass
 class Commit:
-    """What one flush changed: the ids it appended, the new length of the ids axis, and
-    per feature the ref rows it wrote (positions on the ids axis, ``(start, stop)`` rows)."""
+    """What one flush changed: the ids it appended, the new length of the ids axis, per
+    feature the ref rows it wrote (positions on the ids axis, ``(start, stop)`` rows), and
+    the UTF-8 keys of the new ids if the writer encoded them."""
 
     new_ids: list[str]
     total: int
     refs: dict[str, tuple[np.ndarray, np.ndarray]]
+    new_keys: np.ndarray | None = None
 
     def updated_refs(self, path: str, table: np.ndarray) -> np.ndarray:
         """A feature's ref table as it was before this commit, brought up to date."""
@@ -116,39 +120,40 @@ class Commit:
 
 
 class _Column:
-    """One feature's arrays of a :class:`_Run`, copied end to end into a growing buffer."""
+    """One feature's arrays of a :class:`_Run`, copied end to end into a buffer of fixed size."""
 
     __slots__ = ("dtype", "trailing", "buffer", "fill", "rows")
 
-    def __init__(self, spec: Spec):
+    def __init__(self, spec: Spec, n_rows: int):
         self.dtype, self.trailing = spec.dtype, spec.trailing
-        self.buffer = np.empty((16, *spec.trailing), spec.dtype)
+        row_bytes = max(1, spec.dtype.itemsize * math.prod(spec.trailing))
+        self.buffer = np.empty((max(n_rows, RUN_BYTES // row_bytes), *self.trailing), self.dtype)
         self.fill = 0
         self.rows: list[int] = []
-
-    def put(self, array: np.ndarray) -> None:
-        end = self.fill + len(array)
-        if end > len(self.buffer):
-            grown = np.empty((max(end, 2 * len(self.buffer)), *self.trailing), self.dtype)
-            grown[: self.fill] = self.buffer[: self.fill]
-            self.buffer = grown
-        self.buffer[self.fill : end] = array
-        self.fill = end
-        self.rows.append(len(array))
 
 
 class _Run:
     """Consecutive adds of arrays for the same known features: ``add``'s fast path.
 
     Copying each array straight into its column is the one copy an add needs
-    (its caller may reuse its arrays), and leaves nothing to concatenate at flush.
+    (its caller may reuse its arrays), and leaves nothing to concatenate at
+    flush. A full column ends the run (a buffer never grows, as growing
+    copies it) and the next add starts another.
     """
 
     __slots__ = ("ids", "columns")
 
-    def __init__(self, specs: dict[str, Spec]):
+    def __init__(self, specs: dict[str, Spec], data: dict[str, Any]):
         self.ids: list[str] = []
-        self.columns = {path: _Column(spec) for path, spec in specs.items()}
+        self.columns = {path: _Column(spec, _n_rows(data[path])) for path, spec in specs.items()}
+
+    def take_back(self, data: dict[str, Any], upto: str) -> None:
+        """Take back the arrays of ``data`` copied before feature ``upto``."""
+        for path in data:
+            if path == upto:
+                return
+            column = self.columns[path]
+            column.fill -= column.rows.pop()
 
     def block(self) -> Block:
         return Block(
@@ -233,28 +238,42 @@ class Writer:
 
     def append_known(self, id: str, data: dict[str, Any]) -> bool:
         """Buffer a copy of ``data`` if it maps known features to arrays that fit them as
-        they are; return whether it did (the fast path of ``add``, else :meth:`append`)."""
+        they are; return whether it did (the fast path of ``add``, else :meth:`append`).
+
+        It runs once per ``add``, so it is written for speed: one pass that
+        checks and copies each array, taking back the copies if one fails.
+        """
         run = self._run
         if run is None:
-            run = self._new_run(data)
-            if run is None:
+            specs = self._known_specs(data)
+            if specs is None:
                 return False
+            run = _Run(specs, data)
         columns = run.columns
-        if not self.in_this_process or data.keys() != columns.keys():
+        if self._forks != forks() or len(data) != len(columns):
             return False
         nbytes = 0
         for path, array in data.items():
-            column = columns[path]
+            column = columns.get(path)
             if (
-                type(array) is not np.ndarray
+                column is None
+                or type(array) is not np.ndarray
                 or array.dtype != column.dtype
                 or array.shape[1:] != column.trailing
                 or not array.ndim
             ):
+                run.take_back(data, path)
                 return False
+            n_rows = len(array)
+            end = column.fill + n_rows
+            if end > len(column.buffer):  # a new run has room for it
+                run.take_back(data, path)
+                self._run = None
+                return self.append_known(id, data)
+            column.buffer[column.fill : end] = array
+            column.fill = end
+            column.rows.append(n_rows)
             nbytes += array.nbytes
-        for path, array in data.items():
-            columns[path].put(array)
         if not run.ids:
             self._pending.append(run)
             self._run = run
@@ -264,12 +283,12 @@ class Writer:
         self._flush_if_due()
         return True
 
-    def _new_run(self, data: dict[str, Any]) -> _Run | None:
-        """A run for ``data``'s features if the writer knows them all and they hold numbers."""
+    def _known_specs(self, data: dict[str, Any]) -> dict[str, Spec] | None:
+        """The specs of ``data``'s features if the writer knows them all and they hold numbers."""
         specs = {path: self._specs.get(path) for path in data}
         if not specs or any(s is None or s.dtype.kind not in "biufc" for s in specs.values()):
             return None
-        return _Run(specs)
+        return specs  # type: ignore[return-value]
 
     def append_block(
         self, ids: list[str], values: Mapping[str, np.ndarray], rows: Mapping[str, np.ndarray]
@@ -361,18 +380,23 @@ class Writer:
             return Spec(fmt.storage_dtype(array), array.shape[1:])
         return Spec(np.dtype(dtype), array.shape[1:], explicit=True)
 
-    def _positions(self, ids: list[str], n: int) -> tuple[np.ndarray, list[str]]:
-        """Each id's position on the ids axis, and the new ids in order."""
-        unique = self.new_ids or len(set(ids)) == len(ids)
-        if self.new_ids or (n == 0 and unique):
-            return np.arange(n, n + len(ids)), ids
-        positions = self.file._committed_index().positions(ids)
-        if unique and (positions < 0).all():  # only new ids, each once: the usual add
-            return np.arange(n, n + len(ids)), ids
+    def _positions(self, ids: list[str], n: int) -> tuple[np.ndarray, list[str], np.ndarray | None]:
+        """Each id's position on the ids axis, the new ids in order, and their UTF-8 keys
+        (None where the writer has no need to encode them).
+
+        Each id is encoded once: the keys serve the lookup, the check that no
+        id comes twice, and then the cached id index.
+        """
+        if self.new_ids:
+            return np.arange(n, n + len(ids)), ids, None
+        keys = utf8_keys(ids)
+        positions = self.file._committed_index().positions(keys) if n else np.full(len(ids), -1)
+        if (positions < 0).all() and _distinct(keys):  # only new ids, each once: the usual add
+            return np.arange(n, n + len(ids)), ids, keys
         new: dict[str, int] = {}
         for k in np.flatnonzero(positions < 0).tolist():
             positions[k] = new.setdefault(ids[k], n + len(new))
-        return positions, list(new)
+        return positions, list(new), utf8_keys(list(new))
 
     def _write(self, f: h5py.File, blocks: list[Block]) -> Commit:
         if self.file._handle.h5_kwargs.get("driver") in (None, "sec2"):
@@ -384,7 +408,7 @@ class Writer:
             fmt.trim_uncommitted(f, features)
             self._trimmed = True
         n = fmt.n_ids(f)
-        positions, new_ids = self._positions([id for b in blocks for id in b.ids], n)
+        positions, new_ids, new_keys = self._positions([id for b in blocks for id in b.ids], n)
         total = n + len(new_ids)
         by_path: dict[str, tuple[list, list, list]] = {}
         start = 0
@@ -408,7 +432,7 @@ class Writer:
                 refs.resize(total, axis=0)
         fmt.append_ids(f, new_ids)
         f.flush()
-        return Commit(new_ids, total, written)
+        return Commit(new_ids, total, written, new_keys)
 
     def _write_feature(
         self,
@@ -455,6 +479,16 @@ def _check_space(filename: str, blocks: list[Block]) -> None:
             f"{needed >> 20} MiB but the disk has {free >> 20} MiB free; free some space and "
             "resume with create(..., mode='a')"
         )
+
+
+def _distinct(keys: np.ndarray) -> bool:
+    """Whether no key comes twice."""
+    ordered = keys[np.argsort(keys, kind="stable")]  # stable: much faster on bytes than sort
+    return not (ordered[1:] == ordered[:-1]).any()
+
+
+def _n_rows(array: Any) -> int:
+    return len(array) if isinstance(array, np.ndarray) and array.ndim else 0
 
 
 def _as_blocks(pending: list[Block | _Run | tuple[str, dict[str, np.ndarray]]]) -> list[Block]:

@@ -528,8 +528,12 @@ def test_reads_between_adds_match_a_fresh_reopen(tmp_path, keep_open):
             assert getattr(fresh, name).get(id).tolist() == value, (id, name)
 
 
-def test_fast_and_checked_adds_mix_in_order(tmp_path):
-    """Runs of same-feature adds are buffered by column; anything else breaks the run."""
+@pytest.mark.parametrize("run_bytes", [None, 200])
+def test_fast_and_checked_adds_mix_in_order(tmp_path, monkeypatch, run_bytes):
+    """Runs of same-feature adds are buffered by column; anything else breaks the run,
+    and so does a full column (200 bytes: a few adds per run, some larger than one)."""
+    if run_bytes:
+        monkeypatch.setattr("h5dask.writer.RUN_BYTES", run_bytes)
 
     class Logs(h5m.TypedFile):
         x = h5m.Array()
@@ -538,8 +542,8 @@ def test_fast_and_checked_adds_mix_in_order(tmp_path):
     logs = Logs(tmp_path / "mix.h5", mode="w")
     logs._get_writer().flush_seconds = None
     expected = {}
-    for k in range(300):  # columns grow from 16 rows, several times
-        x = np.full((k % 5 + 1, 3), k, dtype=np.float32)
+    for k in range(300):
+        x = np.full((k % 5 + 1 if k % 90 else 40, 3), k, dtype=np.float32)
         data = {"x": x}
         if k % 50 == 7:
             data = {"x": x.astype(np.int16)}  # safe cast: the checked path
@@ -547,6 +551,8 @@ def test_fast_and_checked_adds_mix_in_order(tmp_path):
             data = {"x": x, "s": np.array([f"text {k}"])}  # another set of features
         logs.add(f"{k}", data)
         expected[f"{k}"] = x.tolist()
+    with pytest.raises(ConcatError, match="'bad'.*'s'.*float64"):  # x fits: taken back
+        logs.add("bad", {"x": np.zeros((2, 3), np.float32), "s": np.zeros(2)})
     with pytest.raises(ConcatError, match="'bad'.*'x'.*shape"):
         logs.add("bad", {"x": np.zeros((2, 4), np.float32)})  # known feature, wrong shape
     with pytest.raises(ConcatError, match="'bad'.*'x'.*float64"):
@@ -584,3 +590,20 @@ def test_a_forked_child_does_not_commit_its_parents_buffered_adds(tmp_path):
 def _add_in_child(logs) -> None:
     logs.add("child", {"x": np.ones(1)})
     logs.close()
+
+
+def test_ids_added_twice_before_a_flush_keep_their_last_value(tmp_path):
+    class Logs(h5m.TypedFile):
+        x = h5m.Array()
+
+    logs = Logs(tmp_path / "twice.h5", mode="w")
+    logs.add("first", {"x": np.zeros(1)})  # committed at once: the index is cached
+    logs._get_writer().flush_seconds = None
+    for id, value in [("a", 1), ("é", 2), ("a", 3), ("first", 4), ("é", 5)]:
+        logs.add(id, {"x": np.full(2, value)})
+    assert logs.x.get("a").tolist() == [3, 3]
+    assert list(logs.index) == ["first", "a", "é"]
+    logs.close()
+    fresh = Logs(tmp_path / "twice.h5", mode="r")
+    assert list(fresh.index) == ["first", "a", "é"]
+    assert [fresh.x.get(id).tolist() for id in fresh.index] == [[4, 4], [3, 3], [5, 5]]
