@@ -258,7 +258,14 @@ class TypedFile:
         at the latest on the next add a second later, :meth:`flush`,
         :meth:`close`, any read through this object, or interpreter exit.
         """
-        self._add(id, data)
+        writer = self._writer
+        if (  # the fast path: more arrays for features this writer already checked
+            writer is None
+            or type(id) is not str
+            or type(data) is not dict
+            or not writer.append_known(id, data)
+        ):
+            self._add(id, data)
         return self
 
     def set(self, id: str, data: dict[str, Any]) -> None:
@@ -366,14 +373,7 @@ class TypedFile:
     # -- internals used by proxies and the writer -----------------------------------------------
 
     def _add(self, id: str, data: Any) -> None:
-        writer = self._writer
-        if (  # the fast path: more arrays for features this writer already checked
-            writer is not None
-            and type(id) is str
-            and type(data) is dict
-            and writer.append_known(id, data)
-        ):
-            return
+        """Check, normalise and buffer ``data`` (``add`` without its fast path)."""
         if not isinstance(id, str):
             raise TypeError(f"ids are str, not {type(id).__name__}")
         flat = _flat_arrays(data)

@@ -258,7 +258,7 @@ class Writer:
             if (
                 column is None
                 or type(array) is not np.ndarray
-                or array.dtype != column.dtype
+                or (array.dtype is not column.dtype and array.dtype != column.dtype)
                 or array.shape[1:] != column.trailing
                 or not array.ndim
             ):
@@ -408,7 +408,8 @@ class Writer:
             fmt.trim_uncommitted(f, features)
             self._trimmed = True
         n = fmt.n_ids(f)
-        positions, new_ids, new_keys = self._positions([id for b in blocks for id in b.ids], n)
+        ids = list(chain.from_iterable(b.ids for b in blocks))
+        positions, new_ids, new_keys = self._positions(ids, n)
         total = n + len(new_ids)
         by_path: dict[str, tuple[list, list, list]] = {}
         start = 0
