@@ -38,7 +38,6 @@ __all__ = ["Writer", "Spec", "Block", "Commit", "concat_rows", "row_counts"]
 FLUSH_BYTES = 16 << 20
 FLUSH_SECONDS = 1.0
 SPACE_MARGIN = 4 << 20
-RUN_BYTES = 4 << 20
 
 
 @dataclass
@@ -120,32 +119,36 @@ class Commit:
 
 
 class _Column:
-    """One feature's arrays of a :class:`_Run`, copied end to end into a buffer of fixed size."""
+    """One feature's arrays of a :class:`_Run`, their bytes copied end to end."""
 
-    __slots__ = ("dtype", "trailing", "buffer", "fill", "rows")
+    __slots__ = ("dtype", "trailing", "row_bytes", "data", "rows")
 
-    def __init__(self, spec: Spec, n_rows: int):
+    def __init__(self, spec: Spec):
         self.dtype, self.trailing = spec.dtype, spec.trailing
-        row_bytes = max(1, spec.dtype.itemsize * math.prod(spec.trailing))
-        self.buffer = np.empty((max(n_rows, RUN_BYTES // row_bytes), *self.trailing), self.dtype)
-        self.fill = 0
+        self.row_bytes = spec.dtype.itemsize * math.prod(spec.trailing)
+        self.data = bytearray()
         self.rows: list[int] = []
+
+    def values(self) -> np.ndarray:
+        """The arrays, concatenated (a view of :attr:`data`)."""
+        return np.frombuffer(self.data, self.dtype).reshape(sum(self.rows), *self.trailing)
 
 
 class _Run:
     """Consecutive adds of arrays for the same known features: ``add``'s fast path.
 
-    Copying each array straight into its column is the one copy an add needs
+    Appending each array's bytes to its column is the one copy an add needs
     (its caller may reuse its arrays), and leaves nothing to concatenate at
-    flush. A full column ends the run (a buffer never grows, as growing
-    copies it) and the next add starts another.
+    flush. A ``bytearray`` grows without copying what it holds (``realloc``
+    remaps large buffers), and ``extend`` copies faster than numpy assigns
+    to a slice.
     """
 
     __slots__ = ("ids", "columns")
 
-    def __init__(self, specs: dict[str, Spec], data: dict[str, Any]):
+    def __init__(self, specs: dict[str, Spec]):
         self.ids: list[str] = []
-        self.columns = {path: _Column(spec, _n_rows(data[path])) for path, spec in specs.items()}
+        self.columns = {path: _Column(spec) for path, spec in specs.items()}
 
     def take_back(self, data: dict[str, Any], upto: str) -> None:
         """Take back the arrays of ``data`` copied before feature ``upto``."""
@@ -153,12 +156,12 @@ class _Run:
             if path == upto:
                 return
             column = self.columns[path]
-            column.fill -= column.rows.pop()
+            del column.data[len(column.data) - column.rows.pop() * column.row_bytes :]
 
     def block(self) -> Block:
         return Block(
             self.ids,
-            {path: c.buffer[: c.fill] for path, c in self.columns.items()},
+            {path: c.values() for path, c in self.columns.items()},
             {path: np.array(c.rows, dtype=np.int64) for path, c in self.columns.items()},
         )
 
@@ -248,7 +251,7 @@ class Writer:
             specs = self._known_specs(data)
             if specs is None:
                 return False
-            run = _Run(specs, data)
+            run = _Run(specs)
         columns = run.columns
         if self._forks != forks() or len(data) != len(columns):
             return False
@@ -264,15 +267,12 @@ class Writer:
             ):
                 run.take_back(data, path)
                 return False
-            n_rows = len(array)
-            end = column.fill + n_rows
-            if end > len(column.buffer):  # a new run has room for it
+            try:
+                column.data.extend(array)  # type: ignore[arg-type]  # a buffer
+            except TypeError:  # not C-contiguous: its bytes are not in row order
                 run.take_back(data, path)
-                self._run = None
-                return self.append_known(id, data)
-            column.buffer[column.fill : end] = array
-            column.fill = end
-            column.rows.append(n_rows)
+                return False
+            column.rows.append(len(array))
             nbytes += array.nbytes
         if not run.ids:
             self._pending.append(run)
@@ -486,10 +486,6 @@ def _distinct(keys: np.ndarray) -> bool:
     """Whether no key comes twice."""
     ordered = keys[np.argsort(keys, kind="stable")]  # stable: much faster on bytes than sort
     return not (ordered[1:] == ordered[:-1]).any()
-
-
-def _n_rows(array: Any) -> int:
-    return len(array) if isinstance(array, np.ndarray) and array.ndim else 0
 
 
 def _as_blocks(pending: list[Block | _Run | tuple[str, dict[str, np.ndarray]]]) -> list[Block]:

@@ -528,12 +528,8 @@ def test_reads_between_adds_match_a_fresh_reopen(tmp_path, keep_open):
             assert getattr(fresh, name).get(id).tolist() == value, (id, name)
 
 
-@pytest.mark.parametrize("run_bytes", [None, 200])
-def test_fast_and_checked_adds_mix_in_order(tmp_path, monkeypatch, run_bytes):
-    """Runs of same-feature adds are buffered by column; anything else breaks the run,
-    and so does a full column (200 bytes: a few adds per run, some larger than one)."""
-    if run_bytes:
-        monkeypatch.setattr("h5dask.writer.RUN_BYTES", run_bytes)
+def test_fast_and_checked_adds_mix_in_order(tmp_path):
+    """Runs of same-feature adds are buffered by column; anything else breaks the run."""
 
     class Logs(h5m.TypedFile):
         x = h5m.Array()
@@ -547,6 +543,10 @@ def test_fast_and_checked_adds_mix_in_order(tmp_path, monkeypatch, run_bytes):
         data = {"x": x}
         if k % 50 == 7:
             data = {"x": x.astype(np.int16)}  # safe cast: the checked path
+        if k % 40 == 11:
+            data = {"x": np.asfortranarray(x)}  # not C-contiguous: the checked path
+        if k % 40 == 12:
+            data = {"x": np.repeat(x, 2, axis=1)[:, ::2]}  # strided: the checked path
         if k % 70 == 3:
             data = {"x": x, "s": np.array([f"text {k}"])}  # another set of features
         logs.add(f"{k}", data)
