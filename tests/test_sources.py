@@ -48,6 +48,16 @@ def test_plain_strings_pass_through(tmp_path, monkeypatch):
     assert expand_sources(iter(["x", "y"])) == ["x", "y"]
 
 
+def test_a_list_kept_as_it_is_is_not_copied(tree):
+    ids = ["0", "run-3", "missing/file.png", str(tree / "data/imgs/b.png")]
+    assert expand_sources(ids) is ids
+    for changed in (ids + [str(tree / "data/imgs/a")], ids + ["0"], ids + [Path("x")]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the duplicate "0"
+            assert expand_sources(changed) is not changed
+    assert expand_sources(tuple(ids)) == ids
+
+
 def test_plain_urls_pass_through_without_network(dead_url):
     # no trailing slash, no glob: http URLs are files, nothing is fetched
     urls = [f"{dead_url}/a.png", f"{dead_url}/file?token=a*b", "s3://bucket/key.png"]
