@@ -427,10 +427,9 @@ class Writer:
             )
             for path, (values, rows, where) in by_path.items()
         }
-        for path in features:
-            refs = f[path][fmt.REFS]
-            if refs.shape[0] < total:
-                refs.resize(total, axis=0)
+        for path in features:  # those this batch has no data for
+            if path not in written and f[path][fmt.REFS].shape[0] < total:
+                f[path][fmt.REFS].resize(total, axis=0)
         fmt.append_ids(f, new_ids)
         f.flush()
         return Commit(new_ids, total, written, new_keys)
@@ -445,22 +444,23 @@ class Writer:
         total: int,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Append one feature's values and write their ref rows; return (positions, rows)."""
-        if path not in f or fmt.VALUES not in f[path]:
+        group = f.get(path)
+        if group is None or fmt.VALUES not in group:
             self.file._init_feature_group(f, path)
-            fmt.create_feature(f, path, arrays, self.file._ds_kwargs(path), total)
-        group = f[path]
-        if fmt.is_string_dtype(group[fmt.VALUES].dtype):
+            group = fmt.create_feature(f, path, arrays, self.file._ds_kwargs(path), total)
+        values, refs = group[fmt.VALUES], group[fmt.REFS]
+        if fmt.is_string_dtype(values.dtype):
             arrays = [
                 np.array([_to_str(v) for v in a.flat], dtype=object).reshape(a.shape)
                 for a in arrays
             ]
-        start = fmt.append_blocks(group[fmt.VALUES], arrays)
+        start = fmt.append_blocks(values, arrays)
         present = rows >= 0
         stops = start + np.cumsum(rows[present])
         table = np.stack([stops - rows[present], stops], axis=1)
-        if group[fmt.REFS].shape[0] < total:
-            group[fmt.REFS].resize(total, axis=0)
-        fmt.write_ref_rows(group[fmt.REFS], positions[present], table)
+        if refs.shape[0] < total:
+            refs.resize(total, axis=0)
+        fmt.write_ref_rows(refs, positions[present], table)
         return positions[present], table
 
 
