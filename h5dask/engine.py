@@ -63,7 +63,7 @@ MIN_SPILL_PARTITION = 1 << 20  # of results a task spills to shared memory, or i
 LOCAL_PARTITION_BYTES = 4 << 20  # of results a thread of this process hands over
 PARTITION_SECONDS = 1.0  # of loading in a task of another process
 LOCAL_PARTITION_SECONDS = 0.02  # of loading in a thread of this process
-SHARED_IDS = 1 << 15  # ids scattered at once to the workers of a cluster
+SHARED_BYTES = 512 << 10  # of ids (UTF-8 and offsets) scattered at once to a cluster's workers
 
 log = logging.getLogger("h5dask")
 
@@ -427,10 +427,12 @@ def _calls(
     In this process the schema and the ids go as they are. Other processes get
     the schema as bytes that the task unpickles, so that a failure to unpickle
     is that task's error. On a distributed cluster the schema is scattered
-    once, the ids :data:`SHARED_IDS` at a time, and each task names its range
-    of positions: the scheduler, which keeps a record of every task it ran,
-    keeps a few numbers per task instead of a copy of its ids, and neither
-    holds all the ids at once.
+    once, the ids about :data:`SHARED_BYTES` at a time, and each task names its
+    range of positions: the scheduler, which keeps a record of every task it
+    ran, keeps a few numbers per task instead of a copy of its ids, and neither
+    holds all the ids at once. Each bulk passes through this process twice (to
+    the scheduler, which runs here, and on to the workers): bulks of a few
+    hundred KiB, not a few MiB, keep the writer's memory flat.
     """
     if not where.processes:
         for r in parts:
@@ -445,9 +447,24 @@ def _calls(
     shared, first, last = None, 0, 0  # the ids [first, last) the workers hold as ``shared``
     for r in parts:
         if r.stop > last:
-            first, last = r.start, min(len(ids), r.start + max(SHARED_IDS, len(r)))
+            first, last = r.start, min(len(ids), r.start + _bulk_size(ids, r))
             shared = where.share(IdTable(ids[first:last]))
         yield _load_range, shared, r.start - first, r.stop - first, shared_payload, spill
+
+
+def _bulk_size(ids: list[str], part: range) -> int:
+    """Ids of about :data:`SHARED_BYTES` from ``part`` on (at least ``part``), sized by
+    the ids of ``part``.
+
+    Examples
+    --------
+    >>> _bulk_size(["s3://bucket/" + "x" * 44] * 100, range(0, 100))
+    8192
+    >>> _bulk_size(["id-1"] * 100, range(0, 100))
+    43690
+    """
+    per_id = 8 + sum(len(ids[k]) for k in part) / len(part)  # chars and an int64 offset
+    return max(len(part), int(SHARED_BYTES / per_id))
 
 
 def _load_range(ids: IdTable, start: int, stop: int, payload: bytes, spill: str | None) -> Packed:

@@ -274,7 +274,7 @@ def test_many_partitions_are_written_in_id_order(tmp_path, client):
 
 def test_a_cluster_gets_the_ids_in_bulks_not_all_at_once(tmp_path, client, monkeypatch):
     """Partitions below, at and above the bulk size: each names its ids within its bulk."""
-    monkeypatch.setattr(engine, "SHARED_IDS", 50)
+    monkeypatch.setattr(engine, "SHARED_BYTES", 50 * (8 + 5))  # ~50 ids like "3:123"
     scatterer, bulks = engine._scatterer, []
 
     def counting(client):
