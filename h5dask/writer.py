@@ -139,9 +139,9 @@ class _Run:
 
     Appending each array's bytes to its column is the one copy an add needs
     (its caller may reuse its arrays), and leaves nothing to concatenate at
-    flush. A ``bytearray`` grows without copying what it holds (``realloc``
-    remaps large buffers), and ``extend`` copies faster than numpy assigns
-    to a slice.
+    flush. ``bytearray.extend`` copies an array's bytes faster than numpy
+    assigns to a slice, and a bytearray grows by amortised reallocation
+    (glibc remaps large ones rather than copying them).
     """
 
     __slots__ = ("ids", "columns")
