@@ -607,3 +607,24 @@ def test_ids_added_twice_before_a_flush_keep_their_last_value(tmp_path):
     fresh = Logs(tmp_path / "twice.h5", mode="r")
     assert list(fresh.index) == ["first", "a", "é"]
     assert [fresh.x.get(id).tolist() for id in fresh.index] == [[4, 4], [3, 3], [5, 5]]
+
+
+def test_an_add_that_fails_on_its_second_feature_buffers_nothing(tmp_path):
+    """The fast path copies feature by feature: a later misfit takes back the earlier copies."""
+
+    class Logs(h5m.TypedFile):
+        x = h5m.Array()
+        y = h5m.Array()
+
+    logs = Logs(tmp_path / "take-back.h5", mode="w")
+    logs._get_writer().flush_seconds = None
+    for k in range(3):  # a run of {x, y}: the fast path
+        logs.add(f"ok-{k}", {"x": np.full(2, k), "y": np.full((1, 2), k, np.float32)})
+    with pytest.raises(ConcatError, match="'bad'.*'y'.*shape"):
+        logs.add("bad", {"x": np.full(2, 9), "y": np.full((1, 3), 9, np.float32)})
+    logs.add("ok-3", {"x": np.full(2, 3), "y": np.full((1, 2), 3, np.float32)})
+    logs.close()
+    with h5py.File(tmp_path / "take-back.h5") as f:
+        assert f["__src__/id"].asstr()[:].tolist() == ["ok-0", "ok-1", "ok-2", "ok-3"]
+        assert f["x/values"][:].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+        assert f["y/values"][:, 0].tolist() == [0, 1, 2, 3]
