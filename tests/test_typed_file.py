@@ -102,6 +102,13 @@ def exp(tmp_path):
     return Experiment.create(tmp_path / "exp.h5", SOURCES, scheduler="sync", progress=False)
 
 
+class XY(h5m.TypedFile):
+    """Two array features, for the tests of ``add``."""
+
+    x = h5m.Array()
+    y = h5m.Array()
+
+
 def test_create_returns_an_r_plus_file_without_handle(exp):
     assert isinstance(exp, Experiment)
     assert exp.mode == "r+"
@@ -497,14 +504,9 @@ def test_occasional_adds_reach_the_disk_at_once_bursts_within_a_second(tmp_path)
 @pytest.mark.parametrize("keep_open", [False, True])
 def test_reads_between_adds_match_a_fresh_reopen(tmp_path, keep_open):
     """Commits update the cached index and ref tables in place; they must stay exact."""
-
-    class Logs(h5m.TypedFile):
-        x = h5m.Array()
-        y = h5m.Array()
-
     rng = np.random.default_rng(0)
     path = tmp_path / "logs.h5"
-    logs = Logs(path, mode="w", keep_open=keep_open)
+    logs = XY(path, mode="w", keep_open=keep_open)
     expected: dict[str, dict[str, list]] = {}
     for step in range(60):
         id = f"id-{rng.integers(40)}" if step % 3 else f"new-é-{step}"  # repeats replace
@@ -519,7 +521,7 @@ def test_reads_between_adds_match_a_fresh_reopen(tmp_path, keep_open):
         assert logs.x.get(probe).tolist() == expected[probe]["x"]  # a read commits, then caches
         assert sorted(logs.index) == sorted(expected)
     logs.close()
-    fresh = Logs(path, mode="r")
+    fresh = XY(path, mode="r")
     assert list(fresh.index) == list(logs.index)
     for name in ("x", "y"):
         assert getattr(fresh, name).refs[:].tolist() == getattr(logs, name).refs[:].tolist()
@@ -530,12 +532,7 @@ def test_reads_between_adds_match_a_fresh_reopen(tmp_path, keep_open):
 
 def test_fast_and_checked_adds_mix_in_order(tmp_path):
     """Runs of same-feature adds are buffered by column; anything else breaks the run."""
-
-    class Logs(h5m.TypedFile):
-        x = h5m.Array()
-        s = h5m.Array()
-
-    logs = Logs(tmp_path / "mix.h5", mode="w")
+    logs = XY(tmp_path / "mix.h5", mode="w")
     logs._get_writer().flush_seconds = None
     expected = {}
     for k in range(300):
@@ -548,11 +545,11 @@ def test_fast_and_checked_adds_mix_in_order(tmp_path):
         if k % 40 == 12:
             data = {"x": np.repeat(x, 2, axis=1)[:, ::2]}  # strided: the checked path
         if k % 70 == 3:
-            data = {"x": x, "s": np.array([f"text {k}"])}  # another set of features
+            data = {"x": x, "y": np.array([f"text {k}"])}  # another set of features
         logs.add(f"{k}", data)
         expected[f"{k}"] = x.tolist()
-    with pytest.raises(ConcatError, match="'bad'.*'s'.*float64"):  # x fits: taken back
-        logs.add("bad", {"x": np.zeros((2, 3), np.float32), "s": np.zeros(2)})
+    with pytest.raises(ConcatError, match="'bad'.*'y'.*float64"):  # y holds strings
+        logs.add("bad", {"x": np.zeros((2, 3), np.float32), "y": np.zeros(2)})
     with pytest.raises(ConcatError, match="'bad'.*'x'.*shape"):
         logs.add("bad", {"x": np.zeros((2, 4), np.float32)})  # known feature, wrong shape
     with pytest.raises(ConcatError, match="'bad'.*'x'.*float64"):
@@ -565,15 +562,12 @@ def test_fast_and_checked_adds_mix_in_order(tmp_path):
         for position, id in enumerate(ids):
             start, stop = refs[position]
             assert values[start:stop].tolist() == expected[id]
-        assert f["s/values"].asstr()[:].tolist() == [f"text {k}" for k in range(3, 300, 70)]
+        assert f["y/values"].asstr()[:].tolist() == [f"text {k}" for k in range(3, 300, 70)]
 
 
 def test_a_forked_child_does_not_commit_its_parents_buffered_adds(tmp_path):
-    class Logs(h5m.TypedFile):
-        x = h5m.Array()
-
     path = tmp_path / "fork.h5"
-    logs = Logs(path, mode="w")
+    logs = XY(path, mode="w")
     logs.add("parent-0", {"x": np.zeros(1)})
     logs._get_writer().flush_seconds = None
     logs.add("parent-1", {"x": np.zeros(1)})  # buffered when the child forks
@@ -593,10 +587,7 @@ def _add_in_child(logs) -> None:
 
 
 def test_ids_added_twice_before_a_flush_keep_their_last_value(tmp_path):
-    class Logs(h5m.TypedFile):
-        x = h5m.Array()
-
-    logs = Logs(tmp_path / "twice.h5", mode="w")
+    logs = XY(tmp_path / "twice.h5", mode="w")
     logs.add("first", {"x": np.zeros(1)})  # committed at once: the index is cached
     logs._get_writer().flush_seconds = None
     for id, value in [("a", 1), ("é", 2), ("a", 3), ("first", 4), ("é", 5)]:
@@ -604,19 +595,14 @@ def test_ids_added_twice_before_a_flush_keep_their_last_value(tmp_path):
     assert logs.x.get("a").tolist() == [3, 3]
     assert list(logs.index) == ["first", "a", "é"]
     logs.close()
-    fresh = Logs(tmp_path / "twice.h5", mode="r")
+    fresh = XY(tmp_path / "twice.h5", mode="r")
     assert list(fresh.index) == ["first", "a", "é"]
     assert [fresh.x.get(id).tolist() for id in fresh.index] == [[4, 4], [3, 3], [5, 5]]
 
 
 def test_an_add_that_fails_on_its_second_feature_buffers_nothing(tmp_path):
     """The fast path copies feature by feature: a later misfit takes back the earlier copies."""
-
-    class Logs(h5m.TypedFile):
-        x = h5m.Array()
-        y = h5m.Array()
-
-    logs = Logs(tmp_path / "take-back.h5", mode="w")
+    logs = XY(tmp_path / "take-back.h5", mode="w")
     logs._get_writer().flush_seconds = None
     for k in range(3):  # a run of {x, y}: the fast path
         logs.add(f"ok-{k}", {"x": np.full(2, k), "y": np.full((1, 2), k, np.float32)})
