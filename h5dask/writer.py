@@ -253,7 +253,7 @@ class Writer:
                 return False
             run = _Run(specs)
         columns = run.columns
-        if self._forks != forks() or len(data) != len(columns):
+        if not self.in_this_process or len(data) != len(columns):
             return False
         nbytes = 0
         for path, array in data.items():
