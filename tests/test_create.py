@@ -8,7 +8,9 @@ can import them (pytest puts ``tests/`` on ``sys.path``, which spawned workers i
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import multiprocessing
 import os
 import random
 import resource
@@ -25,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
+import dask
 import distributed
 import h5py
 import numpy as np
@@ -205,7 +208,14 @@ def scheduler_of(name, client):
 
 
 def children() -> set[int]:
-    return {p.pid for p in psutil.Process().children(recursive=True)}
+    """This process's descendants, but a fork server: it stays for the next build."""
+    return {p.pid for p in psutil.Process().children(recursive=True) if not fork_server(p)}
+
+
+def fork_server(process: psutil.Process) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return "multiprocessing.forkserver" in " ".join(process.cmdline())
+    return False
 
 
 # -- equality across schedulers and worker counts ----------------------------------------
@@ -390,6 +400,32 @@ def test_embedded_cluster_shuts_down_after_success_and_after_an_error(tmp_path, 
     assert children() <= before, "the embedded cluster left processes behind after an error"
 
 
+class Parent(h5m.Feature):
+    """The process that started the load's process: ``[parent pid]``."""
+
+    def load(self, source):
+        return np.array([os.getppid()])
+
+
+@pytest.mark.skipif(
+    sys.platform == "darwin" or "forkserver" not in multiprocessing.get_all_start_methods(),
+    reason="the embedded cluster uses a fork server only where the platform has a safe one",
+)
+def test_embedded_cluster_forks_its_workers_from_one_fork_server_that_stays(tmp_path):
+    parents = set()
+    for name in "ab":
+        file = build(tmp_path / f"{name}.h5", [str(i) for i in range(6)], {"p": Parent()})
+        parents |= set(file.p[:].tolist())
+    assert len(parents) == 1, "the second build started another fork server"
+    server = psutil.Process(parents.pop())
+    assert fork_server(server) and server.ppid() == os.getpid()
+
+
+def test_a_start_method_set_in_dask_config_is_kept():
+    with dask.config.set({"distributed.worker.multiprocessing-method": "fork"}):
+        assert engine._worker_start_method() == "fork"
+
+
 INTERRUPTED = """
 import sys, time
 from pathlib import Path
@@ -408,7 +444,8 @@ if __name__ == "__main__":
                              n_workers=2, progress=False)
     except KeyboardInterrupt:
         left = [p.cmdline() for p in psutil.Process().children(recursive=True)]
-        left = [c for c in left if "resource_tracker" not in " ".join(c)]
+        helpers = ("resource_tracker", "multiprocessing.forkserver")  # they stay, by design
+        left = [c for c in left if not any(h in " ".join(c) for h in helpers)]
         with h5py.File(sys.argv[1], "r") as f:
             print("interrupted", left, f["__src__/id"].shape, flush=True)
 """
