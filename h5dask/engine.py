@@ -24,8 +24,15 @@ import tempfile
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from collections.abc import Callable, Generator, Iterable, Iterator
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    Executor,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    wait,
+)
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -292,11 +299,17 @@ class Partitions:
         most: int,
         nbytes: int = PARTITION_BYTES,
         seconds: float = PARTITION_SECONDS,
+        first: int = FIRST_PARTITION,
     ):
-        self.ids, self.most, self.nbytes, self.seconds = ids, most, nbytes, seconds
-        self.size = min(most, FIRST_PARTITION)
+        self.ids, self.first = ids, first
         self._ids_seen = self._bytes_seen = 0
         self._seconds_seen = 0.0
+        self.aim(most, nbytes, seconds)
+
+    def aim(self, most: int, nbytes: int, seconds: float) -> None:
+        """Size the next partitions for other targets, from what was seen so far."""
+        self.most, self.nbytes, self.seconds = most, nbytes, seconds
+        self._resize()
 
     def __iter__(self) -> Iterator[range]:
         """Positions of the ids of each partition, sized when it is asked for."""
@@ -311,6 +324,12 @@ class Partitions:
         self._ids_seen += len(packed.ids)
         self._bytes_seen += packed.nbytes
         self._seconds_seen += packed.seconds
+        self._resize()
+
+    def _resize(self) -> None:
+        if not self._ids_seen:
+            self.size = min(self.most, self.first)
+            return
         size = self.most
         if self._bytes_seen:
             size = min(size, int(self.nbytes * self._ids_seen / self._bytes_seen))
@@ -347,25 +366,74 @@ def run_loads(
     """
     if not ids:
         return
-    with _scheduler(scheduler, n_workers) as where:
-        most, window = partition_size(len(ids), where.workers), 2 * where.workers + 2
-        name = f"{desc} ({where.name})"
-        with (
-            _spill_folder(where.local, window * MIN_SPILL_PARTITION) as spill,
-            tqdm(total=len(ids), disable=not progress, unit="src", desc=name) as bar,
-        ):
-            if not where.processes:
-                parts = Partitions(ids, most, LOCAL_PARTITION_BYTES, LOCAL_PARTITION_SECONDS)
-            else:  # the partitions in flight take at most half of the spill folder's room
-                nbytes = PARTITION_BYTES
-                if spill is not None:
-                    nbytes = min(nbytes, shutil.disk_usage(spill).free // (2 * window))
-                parts = Partitions(ids, most, nbytes, PARTITION_SECONDS)
-            calls = _calls(where, ids, parts, schema, spill)
-            for packed in _in_order(where.submit, calls, window):
-                parts.observe(packed)
-                yield packed.unspill()
-                bar.update(len(packed.ids))
+    n_workers = n_workers or os.cpu_count() or 1
+    with _starting(scheduler, n_workers) as starting:
+        started = starting.done()
+        name = f"{desc} ({starting.result().name if started else 'starting dask'})"
+        most = partition_size(len(ids), n_workers)
+        first = FIRST_PARTITION if started else 1
+        parts = Partitions(ids, most, LOCAL_PARTITION_BYTES, LOCAL_PARTITION_SECONDS, first)
+        todo = iter(parts)
+        with tqdm(total=len(ids), disable=not progress, unit="src", desc=name) as bar:
+            head = yield from _while_starting(starting, parts, todo, schema, bar)
+            where = starting.result()
+            bar.set_description(f"{desc} ({where.name})")
+            most, window = partition_size(len(ids), where.workers), 2 * where.workers + 2
+            with _spill_folder(where.local, window * MIN_SPILL_PARTITION) as spill:
+                parts.aim(most, *_targets(where, spill, window))
+                calls = _calls(where, ids, todo, schema, spill)
+                for packed in _in_order(where.submit, calls, window, head):
+                    parts.observe(packed)
+                    yield packed.unspill()
+                    bar.update(len(packed.ids))
+
+
+def _while_starting(
+    starting: Future,
+    parts: Partitions,
+    todo: Iterator[range],
+    schema: dict[str, Feature],
+    bar: tqdm,
+) -> Generator[Packed, None, Future | None]:
+    """Load partitions in a thread of this process while the embedded cluster starts.
+
+    Yield their results, in order, until the cluster is up; then return the
+    future of the partition still loading (its result comes next), if any.
+    Partitions are sized for this process (the first has one source), so that
+    the cluster gets the rest soon after it is up.
+    """
+    lane = ThreadPoolExecutor(1, thread_name_prefix="h5dask-load")
+
+    def load_next() -> Future | None:
+        part = None if starting.done() else next(todo, None)
+        if part is None:
+            return None
+        return lane.submit(load_partition, parts.ids[part.start : part.stop], schema)
+
+    try:
+        loading = load_next()
+        while loading is not None:
+            wait([loading, starting], return_when=FIRST_COMPLETED)
+            if not loading.done():
+                return loading
+            packed = loading.result()
+            parts.observe(packed)
+            loading = load_next()  # before the writer takes this one
+            yield packed
+            bar.update(len(packed.ids))
+        return None
+    finally:
+        lane.shutdown(wait=False, cancel_futures=True)
+
+
+def _targets(where: Scheduler, spill: str | None, window: int) -> tuple[int, float]:
+    """Bytes of results and seconds of loading that a partition aims at on ``where``."""
+    if not where.processes:
+        return LOCAL_PARTITION_BYTES, LOCAL_PARTITION_SECONDS
+    nbytes = PARTITION_BYTES  # the partitions in flight take at most half of the spill folder
+    if spill is not None:
+        nbytes = min(nbytes, shutil.disk_usage(spill).free // (2 * window))
+    return nbytes, PARTITION_SECONDS
 
 
 @contextmanager
@@ -396,9 +464,12 @@ def _spill_folder(local: bool, needed: int) -> Iterator[str | None]:
         yield d
 
 
-def _in_order(submit: Callable, calls: Iterable[tuple], window: int) -> Iterator[Packed]:
-    """The results of ``calls`` (``(fn, *args)`` tuples) in order, at most ``window`` in flight."""
-    queue: deque = deque()
+def _in_order(
+    submit: Callable, calls: Iterable[tuple], window: int, head: Any = None
+) -> Iterator[Packed]:
+    """The results of ``calls`` (``(fn, *args)`` tuples) in order, at most ``window`` in
+    flight, after that of ``head``, a future already running, if given."""
+    queue: deque = deque([] if head is None else [head])
     todo = iter(calls)
     try:
         for call in todo:
@@ -550,10 +621,31 @@ class Scheduler:
 
 
 @contextmanager
-def _scheduler(scheduler: Any, n_workers: int | None) -> Iterator[Scheduler]:
-    """The :class:`Scheduler` that ``scheduler`` names, shut down afterwards if started here."""
+def _starting(scheduler: Any, n_workers: int) -> Iterator[Future]:
+    """A future of the :class:`Scheduler` that ``scheduler`` names, shut down afterwards if
+    started here.
+
+    It is done at once, but for an embedded cluster: that one starts in a
+    thread (in about 0.5 s, FACTS.md), so that the caller can load sources
+    meanwhile, and it is shut down once it has started, whatever happened.
+    """
     check_scheduler(scheduler)
-    n_workers = n_workers or os.cpu_count() or 1
+    if scheduler is not None or _active_client() is not None:
+        with _scheduler(scheduler, n_workers) as where:
+            ready: Future = Future()
+            ready.set_result(where)
+            yield ready
+        return
+    with (
+        contextlib.ExitStack() as stack,  # closes the cluster, after ...
+        ThreadPoolExecutor(1, thread_name_prefix="h5dask-start") as pool,  # ... it has started
+    ):
+        yield pool.submit(lambda: _on_client(stack.enter_context(_embedded_cluster(n_workers))))
+
+
+@contextmanager
+def _scheduler(scheduler: Any, n_workers: int) -> Iterator[Scheduler]:
+    """The :class:`Scheduler` that ``scheduler`` names, shut down afterwards if started here."""
     if isinstance(scheduler, str) and scheduler in LOCAL:
         kind = LOCAL[scheduler]
         with _local_pool(kind, n_workers) as submit:
@@ -562,12 +654,16 @@ def _scheduler(scheduler: Any, n_workers: int | None) -> Iterator[Scheduler]:
             yield Scheduler(submit, workers, kind, processes, processes)
         return
     with _client(scheduler, n_workers) as client:
-        workers = client.scheduler_info()["workers"]
-        count = max(1, sum(w.get("nthreads", 1) for w in workers.values()))
-        link = getattr(client, "dashboard_link", None)
-        name = f"dask {link}" if link else "dask"
-        submit, share = _distributed_submit(client), _scatterer(client)
-        yield Scheduler(submit, count, name, True, _all_local(workers), share)
+        yield _on_client(client)
+
+
+def _on_client(client: Any) -> Scheduler:
+    workers = client.scheduler_info()["workers"]
+    count = max(1, sum(w.get("nthreads", 1) for w in workers.values()))
+    link = getattr(client, "dashboard_link", None)
+    name = f"dask {link}" if link else "dask"
+    submit, share = _distributed_submit(client), _scatterer(client)
+    return Scheduler(submit, count, name, True, _all_local(workers), share)
 
 
 def _all_local(workers: dict[str, Any]) -> bool:
@@ -634,6 +730,7 @@ class _SyncSubmit:
 
 @contextmanager
 def _client(scheduler: Any, n_workers: int) -> Iterator[Any]:
+    """The Client ``scheduler`` is or names, else the active one, else an embedded cluster's."""
     import distributed
 
     if isinstance(scheduler, distributed.Client):
@@ -643,11 +740,29 @@ def _client(scheduler: Any, n_workers: int) -> Iterator[Any]:
         with distributed.Client(scheduler) as client:
             yield client
         return
-    try:
-        yield distributed.get_client()
+    active = _active_client()
+    if active is not None:
+        yield active
         return
+    with _embedded_cluster(n_workers) as client:
+        yield client
+
+
+def _active_client() -> Any:
+    """The distributed Client that dask would use now, or None."""
+    import distributed
+
+    try:
+        return distributed.get_client()
     except ValueError:
-        pass
+        return None
+
+
+@contextmanager
+def _embedded_cluster(n_workers: int) -> Iterator[Any]:
+    """A Client of a new LocalCluster of ``n_workers`` one-thread worker processes."""
+    import distributed
+
     config = {"distributed.worker.daemon": False}
     config["distributed.worker.multiprocessing-method"] = _worker_start_method()
     with (
