@@ -368,24 +368,27 @@ def run_loads(
         return
     n_workers = n_workers or os.cpu_count() or 1
     with _starting(scheduler, n_workers) as starting:
-        started = starting.done()
-        name = f"{desc} ({starting.result().name if started else 'starting dask'})"
-        most = partition_size(len(ids), n_workers)
-        first = FIRST_PARTITION if started else 1
+        # until a scheduler is up, it is an embedded cluster's: local, of n_workers workers
+        where = starting.result() if starting.done() else None
+        workers, local = (n_workers, True) if where is None else (where.workers, where.local)
+        name = f"{desc} ({'starting dask' if where is None else where.name})"
+        most, window = partition_size(len(ids), workers), 2 * workers + 2
+        first = 1 if where is None else FIRST_PARTITION
         parts = Partitions(ids, most, LOCAL_PARTITION_BYTES, LOCAL_PARTITION_SECONDS, first)
         todo = iter(parts)
-        with tqdm(total=len(ids), disable=not progress, unit="src", desc=name) as bar:
-            head = yield from _while_starting(starting, parts, todo, schema, bar)
+        with (
+            _spill_folder(local, window * MIN_SPILL_PARTITION) as spill,
+            tqdm(total=len(ids), disable=not progress, unit="src", desc=name) as bar,
+        ):
+            head = yield from _while_starting(starting, parts, todo, schema, spill, bar)
             where = starting.result()
             bar.set_description(f"{desc} ({where.name})")
-            most, window = partition_size(len(ids), where.workers), 2 * where.workers + 2
-            with _spill_folder(where.local, window * MIN_SPILL_PARTITION) as spill:
-                parts.aim(most, *_targets(where, spill, window))
-                calls = _calls(where, ids, todo, schema, spill)
-                for packed in _in_order(where.submit, calls, window, head):
-                    parts.observe(packed)
-                    yield packed.unspill()
-                    bar.update(len(packed.ids))
+            parts.aim(most, *_targets(where, spill, window))
+            calls = _calls(where, ids, todo, schema, spill)
+            for packed in _in_order(where.submit, calls, window, head):
+                parts.observe(packed)
+                yield packed.unspill()
+                bar.update(len(packed.ids))
 
 
 def _while_starting(
@@ -393,6 +396,7 @@ def _while_starting(
     parts: Partitions,
     todo: Iterator[range],
     schema: dict[str, Feature],
+    spill: str | None,
     bar: tqdm,
 ) -> Generator[Packed, None, Future | None]:
     """Load partitions in a thread of this process while the embedded cluster starts.
@@ -400,7 +404,10 @@ def _while_starting(
     Yield their results, in order, until the cluster is up; then return the
     future of the partition still loading (its result comes next), if any.
     Partitions are sized for this process (the first has one source), so that
-    the cluster gets the rest soon after it is up.
+    the cluster gets the rest soon after it is up. Large results go through
+    ``spill`` as the workers' do: a mapped file leaves no hole in this
+    process's heap once written (in the heap they left 6 MiB more resident
+    for the rest of a build of 200,000 sources).
     """
     lane = ThreadPoolExecutor(1, thread_name_prefix="h5dask-load")
 
@@ -408,7 +415,7 @@ def _while_starting(
         part = None if starting.done() else next(todo, None)
         if part is None:
             return None
-        return lane.submit(load_partition, parts.ids[part.start : part.stop], schema)
+        return lane.submit(load_partition, parts.ids[part.start : part.stop], schema, spill)
 
     try:
         loading = load_next()
@@ -419,7 +426,7 @@ def _while_starting(
             packed = loading.result()
             parts.observe(packed)
             loading = load_next()  # before the writer takes this one
-            yield packed
+            yield packed.unspill()
             bar.update(len(packed.ids))
         return None
     finally:
