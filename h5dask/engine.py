@@ -358,7 +358,8 @@ def run_loads(
         Workers of an embedded cluster or local pool (default: the cores).
     scheduler : str or distributed.Client, optional
         ``"sync"``, ``"threads"``, ``"processes"``, a scheduler address or a
-        Client; default: the active Client, else an embedded LocalCluster.
+        Client; default: the active Client, else an embedded LocalCluster,
+        which starts while this process loads the first sources itself.
     progress : bool
         Show a progress bar (a widget in Jupyter).
     desc : str
@@ -417,20 +418,25 @@ def _while_starting(
             return None
         return lane.submit(load_partition, parts.ids[part.start : part.stop], schema, spill)
 
+    loading = None
     try:
         loading = load_next()
         while loading is not None:
             wait([loading, starting], return_when=FIRST_COMPLETED)
             if not loading.done():
-                return loading
+                return loading  # handed over, perhaps not begun yet: it must not be cancelled
             packed = loading.result()
             parts.observe(packed)
             loading = load_next()  # before the writer takes this one
             yield packed.unspill()
             bar.update(len(packed.ids))
         return None
+    except BaseException:  # an error, Ctrl-C or the caller stopping: drop what has not begun
+        if loading is not None:
+            loading.cancel()
+        raise
     finally:
-        lane.shutdown(wait=False, cancel_futures=True)
+        lane.shutdown(wait=False)
 
 
 def _targets(where: Scheduler, spill: str | None, window: int) -> tuple[int, float]:
