@@ -23,7 +23,7 @@ import threading
 import time
 import tracemalloc
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -415,6 +415,22 @@ def test_this_process_loads_the_first_sources_while_the_embedded_cluster_starts(
     assert not here.all(), "the cluster never took over"
     assert here[: here.sum()].all(), "this process loaded more than the first sources"
     assert threading.get_ident() not in where[here, 1], "the loads held up the writer's thread"
+
+
+def test_a_partition_not_begun_when_the_cluster_is_up_is_handed_over(monkeypatch):
+    class LateLane(ThreadPoolExecutor):  # each task waits 0.3 s behind another
+        def submit(self, fn, /, *args, **kwargs):
+            super().submit(time.sleep, 0.3)
+            return super().submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "ThreadPoolExecutor", LateLane)
+    starting: Future = Future()
+    threading.Timer(0.05, starting.set_result, [None]).start()
+    parts = engine.Partitions(["a", "b", "c"], most=3, first=1)
+    steps = engine._while_starting(starting, parts, iter(parts), {"w": Where()}, None, None)
+    with pytest.raises(StopIteration) as stop:
+        next(steps)
+    assert stop.value.value.result(timeout=10).ids == ["a"]  # not cancelled
 
 
 def test_the_embedded_cluster_writes_what_sync_writes(tmp_path):
