@@ -643,7 +643,9 @@ def _starting(scheduler: Any, n_workers: int) -> Iterator[Future]:
     meanwhile, and it is shut down once it has started, whatever happened.
     """
     check_scheduler(scheduler)
-    if scheduler is not None or _active_client() is not None:
+    if scheduler is None:
+        scheduler = _active_client()
+    if scheduler is not None:
         with _scheduler(scheduler, n_workers) as where:
             ready: Future = Future()
             ready.set_result(where)
@@ -666,7 +668,7 @@ def _scheduler(scheduler: Any, n_workers: int) -> Iterator[Scheduler]:
             processes = kind == "processes"
             yield Scheduler(submit, workers, kind, processes, processes)
         return
-    with _client(scheduler, n_workers) as client:
+    with _client(scheduler) as client:
         yield _on_client(client)
 
 
@@ -742,22 +744,14 @@ class _SyncSubmit:
 
 
 @contextmanager
-def _client(scheduler: Any, n_workers: int) -> Iterator[Any]:
-    """The Client ``scheduler`` is or names, else the active one, else an embedded cluster's."""
+def _client(scheduler: Any) -> Iterator[Any]:
+    """The Client ``scheduler`` is, or a new one of the scheduler at that address."""
     import distributed
 
     if isinstance(scheduler, distributed.Client):
         yield scheduler
         return
-    if scheduler is not None:
-        with distributed.Client(scheduler) as client:
-            yield client
-        return
-    active = _active_client()
-    if active is not None:
-        yield active
-        return
-    with _embedded_cluster(n_workers) as client:
+    with distributed.Client(scheduler) as client:
         yield client
 
 
