@@ -258,13 +258,8 @@ class TypedFile:
         at the latest on the next add a second later, :meth:`flush`,
         :meth:`close`, any read through this object, or interpreter exit.
         """
-        writer = self._writer
-        if (  # the fast path: more arrays for features this writer already checked
-            writer is None
-            or type(id) is not str
-            or type(data) is not dict
-            or not writer.append_known(id, data)
-        ):
+        writer = self._writer  # the fast path: more arrays for features it already checked
+        if writer is None or not writer.append_known(id, data):
             self._add(id, data)
         return self
 

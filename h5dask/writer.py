@@ -14,11 +14,11 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from itertools import chain
+from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 import h5py
@@ -144,11 +144,12 @@ class _Run:
     (glibc remaps large ones rather than copying them).
     """
 
-    __slots__ = ("ids", "columns")
+    __slots__ = ("ids", "columns", "forks")
 
     def __init__(self, specs: dict[str, Spec]):
         self.ids: list[str] = []
         self.columns = {path: _Column(spec) for path, spec in specs.items()}
+        self.forks = forks()  # a forked child must not add to its parent's buffer
 
     def take_back(self, data: dict[str, Any], upto: str) -> None:
         """Take back the arrays of ``data`` copied before feature ``upto``."""
@@ -194,16 +195,25 @@ class Writer:
     ):
         self.file = file
         self.flush_bytes = FLUSH_BYTES if flush_bytes is None else flush_bytes
+        self._last_flush = -math.inf
         self.flush_seconds = flush_seconds
         self.new_ids = new_ids
         self._pending: list[Block | _Run | tuple[str, dict[str, np.ndarray]]] = []
         self._run: _Run | None = None
-        self._n_pending = 0
         self._specs: dict[str, Spec] = {}
         self._bytes = 0
-        self._last_flush = -math.inf
         self._trimmed = False
         self._forks = forks()
+
+    @property
+    def flush_seconds(self) -> float | None:
+        """The age of the last flush at which an append flushes (None: never by age)."""
+        return self._flush_seconds
+
+    @flush_seconds.setter
+    def flush_seconds(self, seconds: float | None) -> None:
+        self._flush_seconds = seconds
+        self._due = math.inf if seconds is None else self._last_flush + seconds
 
     @property
     def in_this_process(self) -> bool:
@@ -213,7 +223,7 @@ class Writer:
     @property
     def pending(self) -> int:
         """Number of ids buffered and not yet committed."""
-        return self._n_pending
+        return sum(1 if isinstance(e, tuple) else len(e.ids) for e in self._pending)
 
     def append(
         self, id: str, result: Mapping[str, Any], flat: bool = False, owned: bool = False
@@ -237,33 +247,36 @@ class Writer:
             stored = self.check(id, path, array)
             checked[path] = stored if owned or stored is not array else array.copy()
         if checked:
-            self._buffer((id, checked), 1, sum(a.nbytes for a in checked.values()))
+            self._buffer((id, checked), sum(a.nbytes for a in checked.values()))
 
-    def append_known(self, id: str, data: dict[str, Any]) -> bool:
-        """Buffer a copy of ``data`` if it maps known features to arrays that fit them as
-        they are; return whether it did (the fast path of ``add``, else :meth:`append`).
+    def append_known(self, id: Any, data: Any) -> bool:
+        """Buffer a copy of ``data`` if ``id`` is a str and ``data`` a dict mapping known
+        features to arrays that fit them as they are; return whether it did (the fast path
+        of ``add``, else :meth:`append`).
 
         It runs once per ``add``, so it is written for speed: one pass that
         checks and copies each array, taking back the copies if one fails.
         """
-        run = self._run
-        if run is None:
-            specs = self._known_specs(data)
-            if specs is None:
-                return False
-            run = _Run(specs)
-        columns = run.columns
-        if not self.in_this_process or len(data) != len(columns):
+        run = self._run or self._new_run(data)
+        if (
+            run is None
+            or type(id) is not str
+            or type(data) is not dict
+            or len(data) != len(run.columns)
+            or run.forks != forks()
+        ):
             return False
-        nbytes = 0
+        columns, nbytes = run.columns, 0
         for path, array in data.items():
             column = columns.get(path)
+            if column is None or type(array) is not np.ndarray:
+                run.take_back(data, path)
+                return False
+            shape, dtype = array.shape, array.dtype
             if (
-                column is None
-                or type(array) is not np.ndarray
-                or (array.dtype is not column.dtype and array.dtype != column.dtype)
-                or array.shape[1:] != column.trailing
-                or not array.ndim
+                (dtype is not column.dtype and dtype != column.dtype)
+                or shape[1:] != column.trailing
+                or not shape
             ):
                 run.take_back(data, path)
                 return False
@@ -272,23 +285,25 @@ class Writer:
             except TypeError:  # not C-contiguous: its bytes are not in row order
                 run.take_back(data, path)
                 return False
-            column.rows.append(len(array))
-            nbytes += array.nbytes
+            column.rows.append(shape[0])
+            nbytes += shape[0] * column.row_bytes
         if not run.ids:
             self._pending.append(run)
             self._run = run
         run.ids.append(id)
-        self._n_pending += 1
         self._bytes += nbytes
-        self._flush_if_due()
+        if self._bytes >= self.flush_bytes or monotonic() >= self._due:
+            self.flush()
         return True
 
-    def _known_specs(self, data: dict[str, Any]) -> dict[str, Spec] | None:
-        """The specs of ``data``'s features if the writer knows them all and they hold numbers."""
-        specs = {path: self._specs.get(path) for path in data}
-        if not specs or any(s is None or s.dtype.kind not in "biufc" for s in specs.values()):
+    def _new_run(self, data: Any) -> _Run | None:
+        """A run for ``data``'s features if the writer knows them all and they hold numbers."""
+        if type(data) is not dict or not data:
             return None
-        return specs  # type: ignore[return-value]
+        specs = {path: self._specs.get(path) for path in data}
+        if any(s is None or s.dtype.kind not in "biufc" for s in specs.values()):
+            return None
+        return _Run(specs)  # type: ignore[arg-type]
 
     def append_block(
         self, ids: list[str], values: Mapping[str, np.ndarray], rows: Mapping[str, np.ndarray]
@@ -312,20 +327,13 @@ class Writer:
             ids = [id for id, keep in zip(ids, has_data.tolist(), strict=True) if keep]
             rows = {path: r[has_data] for path, r in rows.items()}
         block = Block(list(ids), checked, dict(rows))
-        self._buffer(block, len(block.ids), block.nbytes)
+        self._buffer(block, block.nbytes)
 
-    def _buffer(self, entry: Block | tuple[str, dict], n_ids: int, nbytes: int) -> None:
+    def _buffer(self, entry: Block | tuple[str, dict], nbytes: int) -> None:
         self._pending.append(entry)
         self._run = None
-        self._n_pending += n_ids
         self._bytes += nbytes
-        self._flush_if_due()
-
-    def _flush_if_due(self) -> None:
-        if self._bytes >= self.flush_bytes or (
-            self.flush_seconds is not None
-            and time.monotonic() - self._last_flush >= self.flush_seconds
-        ):
+        if self._bytes >= self.flush_bytes or monotonic() >= self._due:
             self.flush()
 
     def flush(self) -> None:
@@ -333,8 +341,9 @@ class Writer:
         if not self._pending:
             return
         blocks = _as_blocks(self._pending)
-        self._pending, self._run, self._n_pending, self._bytes = [], None, 0, 0
-        self._last_flush = time.monotonic()
+        self._pending, self._run, self._bytes = [], None, 0
+        self._last_flush = monotonic()
+        self.flush_seconds = self._flush_seconds  # the next flush by age is due from now
         try:
             with self.file._handle.open(write=True) as f:
                 commit = self._write(f, blocks)
