@@ -438,10 +438,10 @@ class TypedFile:
         cache = self._cache
         cache.pop("layout", None)
         if "index" in cache:
-            new = commit.new_ids if commit.new_keys is None else commit.new_keys
+            new = commit.new_ids if commit.new_index is None else commit.new_index
             cache["index"] = cache["index"].extended(new)
-        elif commit.new_keys is not None and commit.total == len(commit.new_keys):
-            cache["index"] = IdIndex(commit.new_keys)  # the file had no ids: no need to read
+        elif commit.new_index is not None and commit.total == len(commit.new_index):
+            cache["index"] = commit.new_index  # the file had no ids: no need to read
         for key in [key for key in cache if key.startswith("refs:")]:
             cache[key] = commit.updated_refs(key.removeprefix("refs:"), cache[key])
 

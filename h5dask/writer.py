@@ -28,7 +28,7 @@ from . import format as fmt
 from .errors import ConcatError, DiskFullError
 from .extract import flatten
 from .handle import forks
-from .index import utf8_keys
+from .index import IdIndex, utf8_keys
 
 if TYPE_CHECKING:
     from .typed_file import TypedFile
@@ -101,12 +101,12 @@ class Block:
 class Commit:
     """What one flush changed: the ids it appended, the new length of the ids axis, per
     feature the ref rows it wrote (positions on the ids axis, ``(start, stop)`` rows), and
-    the UTF-8 keys of the new ids if the writer encoded them."""
+    an index of the new ids if the writer built one."""
 
     new_ids: list[str]
     total: int
     refs: dict[str, tuple[np.ndarray, np.ndarray]]
-    new_keys: np.ndarray | None = None
+    new_index: IdIndex | None = None
 
     def updated_refs(self, path: str, table: np.ndarray) -> np.ndarray:
         """A feature's ref table as it was before this commit, brought up to date."""
@@ -389,23 +389,26 @@ class Writer:
             return Spec(fmt.storage_dtype(array), array.shape[1:])
         return Spec(np.dtype(dtype), array.shape[1:], explicit=True)
 
-    def _positions(self, ids: list[str], n: int) -> tuple[np.ndarray, list[str], np.ndarray | None]:
-        """Each id's position on the ids axis, the new ids in order, and their UTF-8 keys
+    def _positions(self, ids: list[str], n: int) -> tuple[np.ndarray, list[str], IdIndex | None]:
+        """Each id's position on the ids axis, the new ids in order, and their index
         (None where the writer has no need to encode them).
 
-        Each id is encoded once: the keys serve the lookup, the check that no
-        id comes twice, and then the cached id index.
+        Each id is encoded and sorted once: the keys serve the lookup, the
+        check that no id comes twice, and then the cached id index.
         """
         if self.new_ids:
             return np.arange(n, n + len(ids)), ids, None
         keys = utf8_keys(ids)
-        positions = self.file._committed_index().positions(keys) if n else np.full(len(ids), -1)
-        if (positions < 0).all() and _distinct(keys):  # only new ids, each once: the usual add
-            return np.arange(n, n + len(ids)), ids, keys
+        batch = IdIndex(keys)
+        positions = self.file._committed_index().positions(keys) if n else None
+        if (positions is None or (positions < 0).all()) and batch.distinct:  # the usual add
+            return np.arange(n, n + len(ids)), ids, batch
+        if positions is None:
+            positions = np.full(len(ids), -1)
         new: dict[str, int] = {}
         for k in np.flatnonzero(positions < 0).tolist():
             positions[k] = new.setdefault(ids[k], n + len(new))
-        return positions, list(new), utf8_keys(list(new))
+        return positions, list(new), IdIndex(list(new))
 
     def _write(self, f: h5py.File, blocks: list[Block]) -> Commit:
         if self.file._handle.h5_kwargs.get("driver") in (None, "sec2"):
@@ -418,7 +421,7 @@ class Writer:
             self._trimmed = True
         n = fmt.n_ids(f)
         ids = list(chain.from_iterable(b.ids for b in blocks))
-        positions, new_ids, new_keys = self._positions(ids, n)
+        positions, new_ids, new_index = self._positions(ids, n)
         total = n + len(new_ids)
         by_path: dict[str, tuple[list, list, list]] = {}
         start = 0
@@ -441,7 +444,7 @@ class Writer:
                 f[path][fmt.REFS].resize(total, axis=0)
         fmt.append_ids(f, new_ids)
         f.flush()
-        return Commit(new_ids, total, written, new_keys)
+        return Commit(new_ids, total, written, new_index)
 
     def _write_feature(
         self,
@@ -489,12 +492,6 @@ def _check_space(filename: str, blocks: list[Block]) -> None:
             f"{needed >> 20} MiB but the disk has {free >> 20} MiB free; free some space and "
             "resume with create(..., mode='a')"
         )
-
-
-def _distinct(keys: np.ndarray) -> bool:
-    """Whether no key comes twice."""
-    ordered = keys[np.argsort(keys, kind="stable")]  # stable: much faster on bytes than sort
-    return not (ordered[1:] == ordered[:-1]).any()
 
 
 def _as_blocks(pending: list[Block | _Run | tuple[str, dict[str, np.ndarray]]]) -> list[Block]:

@@ -38,14 +38,20 @@ def test_lookups_by_one_and_by_many():
     assert list(index) == IDS
 
 
-@pytest.mark.parametrize("as_keys", [False, True], ids=["ids", "keys"])
-def test_extended_is_the_index_of_all_the_ids(as_keys):
+@pytest.mark.parametrize("given_as", ["ids", "keys", "index"])
+def test_extended_is_the_index_of_all_the_ids(given_as):
     rng = np.random.default_rng(1)
     ids = [f"id-{k}-é" * int(rng.integers(1, 4)) for k in rng.permutation(500)]
     index = IdIndex(ids[:100])
     for start, stop in [(100, 101), (101, 300), (300, 300), (300, 500)]:
         new = ids[start:stop]
-        index = index.extended(utf8_keys(new) if as_keys else new)
+        given = {"ids": new, "keys": utf8_keys(new), "index": IdIndex(new)}[given_as]
+        index = index.extended(given)
     assert list(index) == ids
     assert index.positions(ids[::-1]).tolist() == list(range(499, -1, -1))
     assert index.positions(["id-1"]).tolist() == [-1]
+
+
+def test_distinct_tells_whether_an_id_comes_twice():
+    assert IdIndex(["b", "a", "c"]).distinct and IdIndex([]).distinct
+    assert not IdIndex(["b", "a", "b"]).distinct
