@@ -25,10 +25,15 @@ class Failure:
 
     @classmethod
     def from_error(cls, error: Exception, source: str) -> Failure:
-        """The record of ``error``, an h5dask error or any exception raised for ``source``."""
+        """The record of ``error``, an h5dask error or any exception raised for ``source``.
+
+        Its message is made storable: NUL characters and what is not UTF-8
+        (an undecodable file name) are written as escapes.
+        """
         feature = getattr(error, "feature", "")
         message = getattr(error, "cause", None) or f"{type(error).__name__}: {error}"
-        return cls(getattr(error, "source", source), feature, message)
+        storable = message.encode("utf-8", "backslashreplace").decode("utf-8").replace("\0", "\\0")
+        return cls(getattr(error, "source", source), feature, storable)
 
 
 def record_failures(f: h5py.File, failures: Iterable[Failure]) -> None:

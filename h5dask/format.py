@@ -27,7 +27,7 @@ RESERVED = ("__src__", ERRORS)
 JSON_ATTRS = "__json__"
 CHUNK_BYTES = 1 << 20
 MIN_CHUNK_BYTES = 16 << 10
-FIRST_WRITES_PER_CHUNK = 256
+FIRST_WRITES_PER_CHUNK = 64
 TABLE_CHUNK_ROWS = 16384
 
 UTF8 = h5py.string_dtype("utf-8")
@@ -133,9 +133,36 @@ def _attr_str(obj: h5py.HLObject, name: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def id_problem(id: str) -> str | None:
+    """Why ``id`` cannot be stored in the id table (a UTF-8 HDF5 string), or None.
+
+    Examples
+    --------
+    >>> id_problem("run-1/é"), id_problem("a\\0b")
+    (None, 'holds a NUL character, which HDF5 strings cannot store')
+    """
+    if "\0" in id:
+        return "holds a NUL character, which HDF5 strings cannot store"
+    try:
+        id.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid UTF-8 (a file name in another encoding?), which the id table stores"
+    return None
+
+
 def append_ids(f: h5py.File, ids: list[str]) -> None:
-    """Append ``ids`` to the id table: the commit point of a batch."""
-    append_rows(f[IDS], np.array(ids, dtype=object))
+    """Append ``ids`` to the id table: the commit point of a batch.
+
+    If writing them fails, the table is cut back: it never holds a row that
+    was not written.
+    """
+    ds = f[IDS]
+    start = ds.shape[0]
+    try:
+        append_rows(ds, np.array(ids, dtype=object))
+    except BaseException:
+        ds.resize(start, axis=0)
+        raise
 
 
 def read_refs(group: h5py.Group, n: int) -> np.ndarray:

@@ -44,6 +44,7 @@ from typing import IO, Any, Union
 
 import fsspec
 
+from . import format as fmt
 from .errors import SourceError
 
 __all__ = ["expand_sources", "open_source", "source_protocol"]
@@ -168,6 +169,7 @@ def expand_sources(
             expanded = [e for e in expanded if search(e)]
         if not expanded:
             empty.append(s)
+        _check_storable(expanded)
         out.extend(expanded)
     if not sources:
         raise SourceError("no sources given")
@@ -232,8 +234,8 @@ def open_source(source: SourceLike, mode: str = "rb", **storage_options: Any) ->
 
 
 def _to_str(source: object) -> str:
-    if type(source) is str and source:  # the fast path of millions of plain ids
-        return source
+    if type(source) is str and source and source.isascii() and "\0" not in source:
+        return source  # the fast path of millions of plain ids
     s = os.fspath(source) if isinstance(source, os.PathLike) else source
     if not isinstance(s, str):
         raise TypeError(
@@ -242,7 +244,20 @@ def _to_str(source: object) -> str:
         )
     if not s:
         raise SourceError("empty string given as a source")
+    _check_storable([s])
     return s
+
+
+def _check_storable(ids: list[str]) -> None:
+    """Raise :class:`SourceError` for an id that the id table cannot store."""
+    for start in range(0, len(ids), 4096):  # ASCII without NUL (the usual ids) in bulk
+        some = "".join(ids[start : start + 4096])
+        if some.isascii() and "\0" not in some:
+            continue
+        for id in ids[start : start + 4096]:
+            problem = fmt.id_problem(id)
+            if problem:
+                raise SourceError(f"source {id!r} {problem}; rename it")
 
 
 class _Lister:

@@ -371,6 +371,9 @@ class TypedFile:
         """Check, normalise and buffer ``data`` (``add`` without its fast path)."""
         if not isinstance(id, str):
             raise TypeError(f"ids are str, not {type(id).__name__}")
+        problem = fmt.id_problem(id)
+        if problem:
+            raise ValueError(f"id {id!r} {problem}")
         flat = _flat_arrays(data)
         result = flat if flat is not None else normalize(data, id, "")
         if result is None:

@@ -7,6 +7,7 @@ recorded with ``on_error="skip"``; the file left behind always reads back with p
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from PIL import Image as PILImage
 
 import h5dask as h5m
 from h5dask.errors import H5DaskError, LoadError, SourceError
+from h5dask.sources import expand_sources
 
 
 class Kind(h5m.Feature):
@@ -149,6 +151,66 @@ def test_ids_with_spaces_unicode_and_slashes_round_trip(tmp_path):
     reopened = h5m.TypedFile(file.filename)
     assert reopened.row.get("é/ü/日本語").tolist() == [[len("é/ü/日本語")]]
     assert "with space" in str(reopened._repr_html_()) or "with space" in reopened.ids
+
+
+UNSTORABLE = {"nul\0inside": "NUL character", "nul-at-end\0": "NUL", "bad\udcff.npy": "UTF-8"}
+
+
+@pytest.mark.parametrize("id", list(UNSTORABLE))
+def test_an_id_the_id_table_cannot_store_is_refused_before_anything_is_written(tmp_path, id):
+    """HDF5 strings end at a NUL and hold UTF-8 only (an undecodable file name is neither):
+    written anyway, such ids committed empty rows and left a file that no longer opened."""
+    path = tmp_path / "u.h5"
+    build(path, ["a"], {"row": Row()})
+    with pytest.raises(SourceError, match=f"source {re.escape(repr(id))} .*{UNSTORABLE[id]}"):
+        build(path, ["b", id, "c"], {"row": Row()}, mode="a")
+    file = h5m.TypedFile(path, mode="r+", schema={"row": Row()})
+    file.add("d", {"row": np.array([[1]])})
+    with pytest.raises(ValueError, match=f"id {re.escape(repr(id))} .*{UNSTORABLE[id]}"):
+        file.add(id, {"row": np.array([[2]])})  # the fast path hands it to the checks
+    file.add("é", {"row": np.array([[3]])})
+    file.close()
+    assert plain_read(path)["ids"] == ["a", "d", "é"]
+    assert plain_read(path)["row"][1:] == [[[1]], [[3]]]
+
+
+def test_an_undecodable_file_name_in_a_directory_is_named(tmp_path):
+    root = tmp_path / "dir"
+    root.mkdir()
+    (root / "good.txt").write_text("x")
+    fd = os.open(os.path.join(os.fsencode(root), b"bad\xff.txt"), os.O_CREAT | os.O_WRONLY)
+    os.close(fd)
+    with pytest.raises(SourceError, match=r"bad\\udcff.txt' is not valid UTF-8"):
+        expand_sources(root)
+
+
+UNDECODABLE = os.fsdecode(b"bad-\xff")
+
+
+class Odd(h5m.Feature):
+    def load(self, source):
+        if source == "b":
+            raise OSError(f"cannot open {UNDECODABLE} \0 at byte 3")
+        return np.zeros(1)
+
+
+def test_an_error_message_holding_a_nul_or_no_utf8_is_recorded_escaped(tmp_path):
+    file = build(tmp_path / "m.h5", ["a", "b"], {"odd": Odd(), "row": Row()}, on_error="skip")
+    assert [f.message for f in file.errors] == [
+        "load() raised OSError: cannot open bad-\\udcff \\0 at byte 3"
+    ]
+    assert plain_read(file.filename)["ids"] == ["a"]
+
+
+def test_the_id_table_is_cut_back_when_writing_ids_fails(tmp_path):
+    from h5dask import format as fmt
+
+    with h5py.File(tmp_path / "t.h5", "w") as f:
+        fmt.init_root(f)
+        fmt.append_ids(f, ["a", "b"])
+        with pytest.raises(ValueError, match="NULL"):
+            fmt.append_ids(f, ["c", "d\0"])
+        assert f["__src__/id"].asstr()[()].tolist() == ["a", "b"]
 
 
 @pytest.mark.parametrize("id", ["with space", "é/ü/日本語", "a/b/c", "emoji 🎉"])

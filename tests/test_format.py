@@ -165,7 +165,7 @@ def test_a_dataset_added_one_item_at_a_time_gets_chunks_of_many_items(tmp_path):
             items.add(str(i), {"x": np.zeros((16, 64), np.float32)})
     with h5py.File(tmp_path / "i.h5", "r") as h:
         chunks = h["x/values"].chunks
-        assert chunks[1:] == (64,) and chunks[0] * 64 * 4 == 1 << 20  # 256 items a chunk: 1 MiB
+        assert chunks[1:] == (64,) and chunks[0] * 64 * 4 >= 64 * 4096  # 64 items a chunk
 
 
 def test_uncommitted_tails_are_trimmed_on_the_next_write(tmp_path):
