@@ -261,7 +261,7 @@ class Writer:
         if (
             run is None
             or type(id) is not str
-            or ((not id.isascii() or "\0" in id) and fmt.id_problem(id))  # the checked path says
+            or ((not id.isascii() or "\0" in id) and fmt.id_problem(id))  # _add says why
             or type(data) is not dict
             or len(data) != len(run.columns)
             or run.forks != forks()
