@@ -144,12 +144,11 @@ class _Run:
     (glibc remaps large ones rather than copying them).
     """
 
-    __slots__ = ("ids", "columns", "forks")
+    __slots__ = ("ids", "columns")
 
     def __init__(self, specs: dict[str, Spec]):
         self.ids: list[str] = []
         self.columns = {path: _Column(spec) for path, spec in specs.items()}
-        self.forks = forks()  # a forked child must not add to its parent's buffer
 
     def take_back(self, data: dict[str, Any], upto: str) -> None:
         """Take back the arrays of ``data`` copied before feature ``upto``."""
@@ -264,7 +263,7 @@ class Writer:
             or ((not id.isascii() or "\0" in id) and fmt.id_problem(id))  # _add says why
             or type(data) is not dict
             or len(data) != len(run.columns)
-            or run.forks != forks()
+            or not self.in_this_process  # a forked child must not add to its parent's buffer
         ):
             return False
         columns, nbytes = run.columns, 0

@@ -565,12 +565,14 @@ def test_fast_and_checked_adds_mix_in_order(tmp_path):
         assert f["y/values"].asstr()[:].tolist() == [f"text {k}" for k in range(3, 300, 70)]
 
 
-def test_a_forked_child_does_not_commit_its_parents_buffered_adds(tmp_path):
+@pytest.mark.parametrize("dtype", [np.float64, np.int16], ids=["fast", "checked"])
+def test_a_forked_child_does_not_commit_its_parents_buffered_adds(tmp_path, dtype):
     path = tmp_path / "fork.h5"
     logs = XY(path, mode="w")
     logs.add("parent-0", {"x": np.zeros(1)})
     logs._get_writer().flush_seconds = None
-    logs.add("parent-1", {"x": np.zeros(1)})  # buffered when the child forks
+    # buffered when the child forks: by add's fast path, or by the checked one (a cast)
+    logs.add("parent-1", {"x": np.zeros(1, dtype=dtype)})
     context = multiprocessing.get_context("fork")
     child = context.Process(target=_add_in_child, args=(logs,))
     child.start()
