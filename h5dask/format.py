@@ -27,7 +27,7 @@ RESERVED = ("__src__", ERRORS)
 JSON_ATTRS = "__json__"
 CHUNK_BYTES = 1 << 20
 MIN_CHUNK_BYTES = 16 << 10
-FIRST_WRITES_PER_CHUNK = 64
+FIRST_SOURCES_PER_CHUNK = 1024
 TABLE_CHUNK_ROWS = 16384
 
 UTF8 = h5py.string_dtype("utf-8")
@@ -246,14 +246,14 @@ def default_chunks(
 ) -> tuple[int, ...]:
     """Chunks of about :data:`CHUNK_BYTES`: whole rows when a row fits, else split rows.
 
-    A dataset whose first write is small gets chunks of about
-    :data:`FIRST_WRITES_PER_CHUNK` such writes, down to :data:`MIN_CHUNK_BYTES`:
-    a log of a few numbers does not take a whole MiB on disk, and a dataset
-    built by adding one item at a time (the first add is committed alone) still
-    gets chunks of many items.
+    A dataset whose first source is small (``first_nbytes``) gets chunks of
+    about :data:`FIRST_SOURCES_PER_CHUNK` such sources, down to
+    :data:`MIN_CHUNK_BYTES`: a log of a few numbers does not take a whole MiB
+    on disk. The first source, not the first write, sets them, so chunks do
+    not depend on how results were batched (a resumed build equals a clean one).
     """
     itemsize = 64 if is_string_dtype(dtype) else max(1, dtype.itemsize)
-    target = FIRST_WRITES_PER_CHUNK << max(0, int(first_nbytes) - 1).bit_length()
+    target = FIRST_SOURCES_PER_CHUNK << max(0, int(first_nbytes) - 1).bit_length()
     target = min(CHUNK_BYTES, max(MIN_CHUNK_BYTES, target))
     shape = [max(1, n) for n in trailing]
     while math.prod(shape) * itemsize > target and max(shape) > 1:
@@ -264,18 +264,24 @@ def default_chunks(
 
 
 def create_feature(
-    parent: h5py.File, path: str, first: list[np.ndarray], ds_kwargs: dict[str, Any], n: int
+    parent: h5py.File,
+    path: str,
+    like: np.ndarray,
+    first_nbytes: int,
+    ds_kwargs: dict[str, Any],
+    n: int,
 ) -> h5py.Group:
-    """Create the feature group ``path`` with empty ``values`` for the arrays of its first
-    write, ``first`` (alike in dtype and trailing shape; their size sets default chunks)."""
+    """Create the feature group ``path`` with empty ``values`` for arrays ``like`` this
+    one (in dtype and trailing shape); ``first_nbytes``, the size of the first source's
+    array, sets default chunks."""
     group = parent.require_group(path)
     kwargs = dict(ds_kwargs)
-    dtype = np.dtype(kwargs.pop("dtype", storage_dtype(first[0])))
-    trailing = first[0].shape[1:]
+    dtype = np.dtype(kwargs.pop("dtype", storage_dtype(like)))
+    trailing = like.shape[1:]
     kwargs.pop("shape", None)
     kwargs.pop("maxshape", None)
     if kwargs.get("chunks", True) is True or kwargs.get("chunks") is None:
-        kwargs["chunks"] = default_chunks(trailing, dtype, sum(a.nbytes for a in first))
+        kwargs["chunks"] = default_chunks(trailing, dtype, first_nbytes)
     group.create_dataset(
         VALUES, shape=(0, *trailing), maxshape=(None, *trailing), dtype=dtype, **kwargs
     )

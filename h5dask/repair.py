@@ -154,14 +154,17 @@ class JournaledFile:
         self._saved: set[int] = set()
 
     def _save(self, start: int, stop: int) -> None:
-        for page in range(start // PAGE, (min(stop, self.size) - 1) // PAGE + 1):
-            if page in self._saved:
-                continue
-            offset = page * PAGE
-            data = os.pread(self._f.fileno(), min(PAGE, self.size - offset), offset)
-            record = RECORD.pack(offset, len(data), zlib.crc32(data, offset)) + data
-            os.write(self._journal, record)
-            self._saved.add(page)
+        """Journal the pages of ``[start, stop)`` not saved yet: a record per run of pages."""
+        last = (min(stop, self.size) - 1) // PAGE
+        pages = [p for p in range(start // PAGE, last + 1) if p not in self._saved]
+        while pages:
+            n = next((k for k in range(1, len(pages)) if pages[k] != pages[0] + k), len(pages))
+            offset = pages[0] * PAGE
+            data = os.pread(self._f.fileno(), min(n * PAGE, self.size - offset), offset)
+            _write_all(self._journal, RECORD.pack(offset, len(data), zlib.crc32(data, offset)))
+            _write_all(self._journal, data)
+            self._saved.update(pages[:n])
+            del pages[:n]
 
     # -- the file object protocol h5py uses ---------------------------------------------------
 
@@ -202,6 +205,12 @@ class JournaledFile:
         """Close without committing: the journal stays for :func:`repair`."""
         self._f.close()
         os.close(self._journal)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _lock_data(fd: int, filename: str) -> None:

@@ -459,7 +459,12 @@ class Writer:
         group = f.get(path)
         if group is None or fmt.VALUES not in group:
             self.file._init_feature_group(f, path)
-            group = fmt.create_feature(f, path, arrays, self.file._ds_kwargs(path), total)
+            sizes, like = rows[rows > 0], arrays[0]
+            row_nbytes = like.itemsize * math.prod(like.shape[1:])
+            first_nbytes = int(sizes[0] if len(sizes) else 1) * row_nbytes
+            group = fmt.create_feature(
+                f, path, like, first_nbytes, self.file._ds_kwargs(path), total
+            )
         values, refs = group[fmt.VALUES], group[fmt.REFS]
         if fmt.is_string_dtype(values.dtype):
             arrays = [

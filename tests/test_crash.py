@@ -391,3 +391,32 @@ def test_file_systems_without_locks_write_repair_and_explain(tmp_path, monkeypat
     with h5m.TypedFile(path, mode="r") as file:
         assert [file.x.get(str(i)).tolist() for i in range(21)] == [[i] * 3 for i in range(21)]
     assert not needs_repair(path)
+
+
+def test_the_journal_saves_each_run_of_old_pages_once_and_repair_restores_them(tmp_path):
+    from h5dask.repair import PAGE, JournaledFile, _read_journal, repair
+
+    path = tmp_path / "f.bin"
+    original = np.random.default_rng(0).bytes(5 * PAGE + 100)
+    path.write_bytes(original)
+    raw = JournaledFile(str(path), lock=False)
+    raw.seek(PAGE + 10)
+    raw.write(b"a" * 100)  # saves page 1
+    raw.seek(10)
+    raw.write(b"b" * 3 * PAGE)  # pages 0 to 3: saves page 0, then pages 2 and 3 as one run
+    raw.seek(5 * PAGE - 20)
+    raw.write(b"c" * 500)  # the last page, partly past the old end
+    raw.truncate(3 * PAGE)
+    fd = os.open(journal_path(path), os.O_RDONLY)
+    size, records = _read_journal(fd, path)
+    os.close(fd)
+    assert size == len(original)
+    assert [(offset, len(data)) for offset, data in records] == [
+        (PAGE, PAGE),
+        (0, PAGE),
+        (2 * PAGE, 2 * PAGE),
+        (4 * PAGE, PAGE + 100),
+    ]
+    raw.abandon()
+    assert path.read_bytes() != original
+    assert repair(path) and path.read_bytes() == original
