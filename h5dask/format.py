@@ -150,16 +150,18 @@ def id_problem(id: str) -> str | None:
     return None
 
 
-def append_ids(f: h5py.File, ids: list[str]) -> None:
+def append_ids(f: h5py.File, ids: list[str] | np.ndarray) -> None:
     """Append ``ids`` to the id table: the commit point of a batch.
 
-    If writing them fails, the table is cut back: it never holds a row that
-    was not written.
+    ``ids`` are strings, or their UTF-8 encodings as a fixed-width bytes
+    array (which HDF5 converts faster; ids never end in NUL, see
+    :func:`id_problem`). If writing them fails, the table is cut back: it
+    never holds a row that was not written.
     """
     ds = f[IDS]
     start = ds.shape[0]
     try:
-        append_rows(ds, np.array(ids, dtype=object))
+        append_rows(ds, ids if isinstance(ids, np.ndarray) else np.array(ids, dtype=object))
     except BaseException:
         ds.resize(start, axis=0)
         raise

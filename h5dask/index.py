@@ -88,6 +88,11 @@ class IdIndex(Mapping[str, int]):
         index._order = np.insert(self._order, at, new._order + len(self._keys))
         return index
 
+    @property
+    def utf8(self) -> np.ndarray:
+        """The ids' UTF-8 encodings in position order, as a fixed-width bytes array."""
+        return self._keys
+
     @cached_property
     def ids(self) -> np.ndarray:
         """The ids in position order, as a numpy ``StringDType`` array."""

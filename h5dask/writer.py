@@ -442,7 +442,7 @@ class Writer:
         for path in features:  # those this batch has no data for
             if path not in written and f[path][fmt.REFS].shape[0] < total:
                 f[path][fmt.REFS].resize(total, axis=0)
-        fmt.append_ids(f, new_ids)
+        fmt.append_ids(f, new_ids if new_index is None else new_index.utf8)
         f.flush()
         return Commit(new_ids, total, written, new_index)
 

@@ -156,16 +156,21 @@ def test_default_chunks(tmp_path):
         assert h["big/refs"].chunks[1] == 2 and h["__src__/id"].chunks[0] >= 1024
 
 
-def test_a_dataset_added_one_item_at_a_time_gets_chunks_of_many_items(tmp_path):
+@pytest.mark.parametrize("flush_bytes", [1, 1 << 30])
+def test_chunks_depend_on_the_first_source_not_on_batching(tmp_path, flush_bytes):
     class Items(h5m.TypedFile):
         x = h5m.Array()
+        log = h5m.Array()
 
     with Items(tmp_path / "i.h5", mode="w") as items:
-        for i in range(100):  # the first add is committed alone: a 4 KiB first write
-            items.add(str(i), {"x": np.zeros((16, 64), np.float32)})
+        items._get_writer().flush_bytes = flush_bytes  # a commit per add, or one at close
+        for i in range(100):
+            items.add(str(i), {"x": np.zeros((2 + i % 3, 64), np.float32)})
+            if i >= 10:  # a log of one number, from the 11th id on
+                items.add(str(i), {"log": np.zeros(1)})
     with h5py.File(tmp_path / "i.h5", "r") as h:
-        chunks = h["x/values"].chunks
-        assert chunks[1:] == (64,) and chunks[0] * 64 * 4 >= 64 * 4096  # 64 items a chunk
+        assert h["x/values"].chunks == (2048, 64)  # 512 KiB: 1024 first x of 512 B
+        assert h["log/values"].chunks == (2048,)  # 16 KiB, the least
 
 
 def test_uncommitted_tails_are_trimmed_on_the_next_write(tmp_path):
