@@ -169,7 +169,7 @@ def test_chunks_depend_on_the_first_source_not_on_batching(tmp_path, flush_bytes
             if i >= 10:  # a log of one number, from the 11th id on
                 items.add(str(i), {"log": np.zeros(1)})
     with h5py.File(tmp_path / "i.h5", "r") as h:
-        assert h["x/values"].chunks == (2048, 64)  # 512 KiB: 1024 first x of 512 B
+        assert h["x/values"].chunks == (128, 64)  # 32 KiB: 64 first x of 512 B
         assert h["log/values"].chunks == (2048,)  # 16 KiB, the least
 
 
