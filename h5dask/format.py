@@ -27,7 +27,7 @@ RESERVED = ("__src__", ERRORS)
 JSON_ATTRS = "__json__"
 CHUNK_BYTES = 1 << 20
 MIN_CHUNK_BYTES = 16 << 10
-FIRST_SOURCES_PER_CHUNK = 64
+FIRST_SOURCES_PER_CHUNK = 1024
 TABLE_CHUNK_ROWS = 16384
 
 UTF8 = h5py.string_dtype("utf-8")
@@ -275,7 +275,12 @@ def create_feature(
 ) -> h5py.Group:
     """Create the feature group ``path`` with empty ``values`` for arrays ``like`` this
     one (in dtype and trailing shape); ``first_nbytes``, the size of the first source's
-    array, sets default chunks."""
+    array, sets default chunks.
+
+    Numbers are stored without a fill value unless ``ds_kwargs`` sets one: the append
+    that grows ``values`` writes every row it adds, so HDF5 need not fill a new chunk
+    first (a write of the whole chunk, each time a commit ends inside one).
+    """
     group = parent.require_group(path)
     kwargs = dict(ds_kwargs)
     dtype = np.dtype(kwargs.pop("dtype", storage_dtype(like)))
@@ -284,6 +289,8 @@ def create_feature(
     kwargs.pop("maxshape", None)
     if kwargs.get("chunks", True) is True or kwargs.get("chunks") is None:
         kwargs["chunks"] = default_chunks(trailing, dtype, first_nbytes)
+    if "fillvalue" not in kwargs and not is_string_dtype(dtype):
+        kwargs.setdefault("fill_time", "never")  # rows are written before they are read
     group.create_dataset(
         VALUES, shape=(0, *trailing), maxshape=(None, *trailing), dtype=dtype, **kwargs
     )
@@ -486,6 +493,22 @@ def read_layout(f: h5py.File) -> dict[str, Node]:
     listed once.
     """
     layout: dict[str, Node] = {}
+    for path, kind, obj in _walk(f):
+        if kind == "group":
+            layout[path] = Node("group")
+        else:
+            layout[path] = _dataset_node(kind, obj[VALUES] if kind == "feature" else obj)
+    return layout
+
+
+def feature_paths(f: h5py.File) -> list[str]:
+    """The paths of the features of ``f``, as :func:`read_layout` finds them, but without
+    reading each dataset's shape, type and storage (a commit needs only these)."""
+    return [path for path, kind, _ in _walk(f) if kind == "feature"]
+
+
+def _walk(f: h5py.File) -> Iterator[tuple[str, str, Any]]:
+    """Yield ``(path, kind, object)`` for each group, feature and plain dataset, depth first."""
     seen = {h5py.h5o.get_info(f.id).addr}
     stack: list[tuple[Iterator[str], h5py.Group, str]] = [(iter(list(f)), f, "")]
     while stack:  # depth first with a stack: groups may nest deeper than Python recurses
@@ -499,16 +522,15 @@ def read_layout(f: h5py.File) -> dict[str, Node]:
         path = prefix + name
         cls = _hard_class(group, name)
         if cls is h5py.Dataset:
-            layout[path] = _dataset_node("dataset", group[name])
+            yield path, "dataset", group[name]
         elif cls is h5py.Group:
             child = group[name]
             if is_feature_group(child):
-                layout[path] = _dataset_node("feature", child[VALUES])
+                yield path, "feature", child
             elif h5py.h5o.get_info(child.id).addr not in seen:  # hard links can loop
                 seen.add(h5py.h5o.get_info(child.id).addr)
-                layout[path] = Node("group")
+                yield path, "group", child
                 stack.append((iter(list(child)), child, path + "/"))
-    return layout
 
 
 def _dataset_node(kind: str, ds: h5py.Dataset) -> Node:

@@ -99,6 +99,7 @@ class TypedFile:
             raise
         fmt.init_root(f)
         self._init_schema(f)
+        self._cache["layout"] = fmt.read_layout(f)  # the first add need not reopen the file
         if keep_open:
             self._handle._file = f
         else:

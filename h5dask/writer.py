@@ -416,7 +416,7 @@ class Writer:
             _check_space(self.file.filename, blocks)
         if fmt.IDS not in f:
             fmt.init_root(f)
-        features = [p for p, node in fmt.read_layout(f).items() if node.kind == "feature"]
+        features = fmt.feature_paths(f)
         if not self._trimmed:
             fmt.trim_uncommitted(f, features)
             self._trimmed = True

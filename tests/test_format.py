@@ -169,7 +169,7 @@ def test_chunks_depend_on_the_first_source_not_on_batching(tmp_path, flush_bytes
             if i >= 10:  # a log of one number, from the 11th id on
                 items.add(str(i), {"log": np.zeros(1)})
     with h5py.File(tmp_path / "i.h5", "r") as h:
-        assert h["x/values"].chunks == (128, 64)  # 32 KiB: 64 first x of 512 B
+        assert h["x/values"].chunks == (2048, 64)  # 512 KiB: 1024 first x of 512 B
         assert h["log/values"].chunks == (2048,)  # 16 KiB, the least
 
 
@@ -201,6 +201,40 @@ def test_refs_of_features_grow_with_ids(tmp_path):
     with h5py.File(f.filename, "r") as h:
         assert h["x/refs"][:].tolist() == [[0, 1], [-1, -1]]
         assert h["y/refs"][:].tolist() == [[-1, -1], [0, 2]]
+
+
+def test_numbers_are_stored_without_a_fill_value_unless_one_is_set(tmp_path):
+    """Every row of values is written by the append that adds it, so HDF5 need not fill
+    new chunks; a fillvalue of __ds_kwargs__, and strings, keep HDF5's fill."""
+
+    class Logs(h5m.TypedFile):
+        x = h5m.Array()
+        filled = h5m.Array(fillvalue=7)
+        name = h5m.Array()
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.random((3 + k % 5, 4), dtype=np.float32) for k in range(700)]
+    with Logs(tmp_path / "l.h5", mode="w") as f:
+        f._get_writer().flush_bytes = 4096  # commits end inside chunks
+        for k, x in enumerate(arrays):
+            f.add(str(k), {"x": x, "filled": x[:, 0], "name": f"n{k}"})
+    with h5py.File(tmp_path / "l.h5", "r") as h:
+        fill_time = {
+            name: h[f"{name}/values"].id.get_create_plist().get_fill_time()
+            for name in ("x", "filled", "name")
+        }
+        assert fill_time["x"] == h5py.h5d.FILL_TIME_NEVER
+        assert h5py.h5d.FILL_TIME_NEVER not in (fill_time["filled"], fill_time["name"])
+        assert np.array_equal(h["x/values"][:], np.concatenate(arrays))
+        assert np.array_equal(h["filled/values"][:], np.concatenate(arrays)[:, 0])
+        assert h["x/values"].chunks[0] * 16 > 16 * 1024  # several commits a chunk
+
+
+def test_feature_paths_are_the_features_of_the_layout(path):
+    with h5py.File(path, "r") as h:
+        layout = fmt.read_layout(h)
+        features = [p for p, node in layout.items() if node.kind == "feature"]
+        assert fmt.feature_paths(h) == features == ["data/images", "data/name"]
 
 
 def test_errors_table(tmp_path):

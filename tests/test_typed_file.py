@@ -616,3 +616,33 @@ def test_an_add_that_fails_on_its_second_feature_buffers_nothing(tmp_path):
         assert f["__src__/id"].asstr()[:].tolist() == ["ok-0", "ok-1", "ok-2", "ok-3"]
         assert f["x/values"][:].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
         assert f["y/values"][:, 0].tolist() == [0, 1, 2, 3]
+
+
+class Packed(h5m.TypedFile):
+    raw = h5m.Array()
+    packed = h5m.Array(compression="gzip")
+
+
+@pytest.mark.parametrize("h5_kwargs", [{}, {"rdcc_nbytes": 1 << 16}])
+def test_kept_readers_cache_only_filtered_chunks_unless_told(tmp_path, h5_kwargs):
+    """A random read of one item copies a whole chunk through HDF5's cache: unfiltered
+    chunks are read without one, compressed ones keep it; a set cache size is kept."""
+    rng = np.random.default_rng(0)
+    data = {str(k): rng.random((16, 16), dtype=np.float32) for k in range(300)}
+    with Packed(tmp_path / "p.h5", mode="w") as f:
+        for id, x in data.items():
+            f.add(id, {"raw": x, "packed": x + 1})
+    f = Packed(tmp_path / "p.h5", mode="r", keep_open=True, **h5_kwargs)
+    for id in rng.permutation(list(data))[:50]:
+        assert np.array_equal(f.raw.get(id), data[id])
+        assert np.array_equal(f.packed.get(id), data[id] + 1)
+    cache = {
+        name: f._handle.reader(f"{name}/values").id.get_access_plist().get_chunk_cache()[1]
+        for name in ("raw", "packed")
+    }
+    f.close()
+    default = h5py.h5p.create(h5py.h5p.FILE_ACCESS).get_cache()[2]
+    if h5_kwargs:
+        assert cache == {"raw": 1 << 16, "packed": 1 << 16}
+    else:
+        assert cache == {"raw": 0, "packed": default} and default > 0
