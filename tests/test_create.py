@@ -974,24 +974,26 @@ def test_results_the_spill_folder_cannot_take_are_sent_instead(tmp_path):
     assert packed.rows["x"].tolist() == [1] * 32
 
 
-def test_large_results_without_a_spill_folder_are_packed_in_memory_of_their_own():
+def test_many_small_results_without_a_spill_folder_are_packed_in_memory_of_their_own():
     """Mapped, their memory goes back to the system when the writer frees them, leaving
-    no hole in the heap; small results are concatenated on the heap."""
+    no hole in the heap; results of larger sources, or few bytes in all, use the heap."""
 
     def memory_of(array: np.ndarray) -> object:
         while isinstance(array.base, np.ndarray):
             array = array.base
         return array.base.obj if isinstance(array.base, memoryview) else array.base
 
-    ids = [str(i) for i in range(32)]  # 512 KiB of results: past SPILL_BYTES
-    packed = engine.load_partition(ids, {"x": ById()})
+    ids = [str(i) for i in range(128)]
+    small = engine.load_partition(ids, {"x": Filler(1024)})  # 128 KiB, 1 KiB a source
+    assert isinstance(memory_of(small.values["x"]), mmap.mmap)
+    np.testing.assert_array_equal(small.values["x"], np.ones((128, 256), np.float32))
+    assert small.rows["x"].tolist() == [1] * 128
+    few = engine.load_partition(ids[:32], {"x": Filler(1024)})  # 32 KiB in all
+    assert memory_of(few.values["x"]) is None
+    large = engine.load_partition(ids[:32], {"x": ById()})  # 16 KiB a source
+    assert memory_of(large.values["x"]) is None
     expected = np.repeat(np.arange(32, dtype=np.float32), 4096).reshape(32, 4096)
-    np.testing.assert_array_equal(packed.values["x"], expected)
-    assert isinstance(memory_of(packed.values["x"]), mmap.mmap)
-    assert packed.rows["x"].tolist() == [1] * 32
-    small = engine.load_partition(ids[:2], {"x": ById()})  # 32 KiB
-    assert memory_of(small.values["x"]) is None
-    np.testing.assert_array_equal(small.values["x"], expected[:2])
+    np.testing.assert_array_equal(large.values["x"], expected)
 
 
 def test_without_room_in_shared_memory_results_travel_through_sockets(tmp_path, caplog):
