@@ -17,7 +17,7 @@ from .errors import FileFormatError, ReadOnlyError, ResultTypeError, SchemaError
 from .extract import flatten, load_schema, normalize
 from .failures import Failure, read_failures
 from .feature import Feature, Group
-from .handle import FileHandle, as_reader, open_h5
+from .handle import FileHandle, as_reader, open_h5, without_chunk_cache
 from .index import IdIndex
 from .proxy import DatasetProxy, GroupProxy, Proxy
 from .writer import Commit, Writer
@@ -91,7 +91,7 @@ class TypedFile:
         if mode in ("r", "r+"):
             self._layout()  # fail now on a missing or non-HDF5 file
             return
-        f = open_h5(self.filename, mode, **h5_kwargs)
+        f = open_h5(self.filename, mode, **without_chunk_cache(h5_kwargs))  # kept if keep_open
         try:
             fmt.check_root(f)  # never relabel a file of a newer version
         except FileFormatError:

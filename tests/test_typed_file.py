@@ -646,3 +646,11 @@ def test_kept_readers_cache_only_filtered_chunks_unless_told(tmp_path, h5_kwargs
         assert cache == {"raw": 1 << 16, "packed": 1 << 16}
     else:
         assert cache == {"raw": 0, "packed": default} and default > 0
+
+
+def test_a_file_created_and_kept_open_has_no_chunk_cache_either(tmp_path):
+    f = Packed(tmp_path / "k.h5", mode="w", keep_open=True)
+    f.add("a", {"raw": np.zeros((2, 3), np.float32), "packed": np.ones((2, 3), np.float32)})
+    assert f._handle._cached().id.get_access_plist().get_cache()[2] == 0
+    assert f.raw.get("a").tolist() == [[0, 0, 0], [0, 0, 0]]
+    f.close()
