@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
+from numpy import ndarray
 
 from . import format as fmt
 from .errors import ConcatError, DiskFullError
@@ -262,21 +263,19 @@ class Writer:
         if (
             run is None
             or type(id) is not str
-            or ((not id.isascii() or "\0" in id) and fmt.id_problem(id))  # _add says why
             or type(data) is not dict
             or len(data) != len(run.columns)
+            or ((not id.isascii() or "\0" in id) and fmt.id_problem(id))  # _add says why
         ):
             return False
         columns, nbytes = run.columns, 0
         for path, array in data.items():
             column = columns.get(path)
-            if column is None or type(array) is not np.ndarray:
-                run.take_back(data, path)
-                return False
-            shape, dtype = array.shape, array.dtype
             if (
-                (dtype is not column.dtype and dtype != column.dtype)
-                or shape[1:] != column.trailing
+                column is None
+                or type(array) is not ndarray
+                or ((dtype := array.dtype) is not column.dtype and dtype != column.dtype)
+                or (shape := array.shape)[1:] != column.trailing
                 or not shape
             ):
                 run.take_back(data, path)
@@ -287,10 +286,7 @@ class Writer:
                 run.take_back(data, path)
                 return False
             column.rows.append(shape[0])
-            nbytes += shape[0] * column.row_bytes
-        if not run.ids:
-            self._pending.append(run)
-            self._run = run
+            nbytes += array.nbytes
         run.ids.append(id)
         self._bytes += nbytes
         if self._bytes >= self.flush_bytes or monotonic() >= self._due:
@@ -298,13 +294,17 @@ class Writer:
         return True
 
     def _new_run(self, data: Any) -> _Run | None:
-        """A run for ``data``'s features if the writer knows them all and they hold numbers."""
+        """Open a run for ``data``'s features, if the writer knows them all and they hold
+        numbers: it is buffered from now on, so ``add`` need not ask on each call whether its
+        run is new (a run whose first add fails stays empty, and a flush skips it)."""
         if type(data) is not dict or not data or not self.in_this_process:
             return None  # a forked child must not add to its parent's buffer (see _forget_runs)
         specs = {path: self._specs.get(path) for path in data}
         if any(s is None or s.dtype.kind not in "biufc" for s in specs.values()):
             return None
-        return _Run(specs)  # type: ignore[arg-type]
+        self._run = _Run(specs)  # type: ignore[arg-type]
+        self._pending.append(self._run)
+        return self._run
 
     def append_block(
         self, ids: list[str], values: Mapping[str, np.ndarray], rows: Mapping[str, np.ndarray]
@@ -339,7 +339,7 @@ class Writer:
 
     def flush(self) -> None:
         """Write and commit every buffered result."""
-        if not self._pending:
+        if not self.pending:  # nothing, or a run whose first add failed
             return
         blocks = _as_blocks(self._pending)
         self._pending, self._run, self._bytes = [], None, 0
@@ -525,8 +525,10 @@ def _as_blocks(pending: list[Block | _Run | tuple[str, dict[str, np.ndarray]]]) 
         if run:
             blocks.append(_block_of(run))
             run = []
-        if entry is not None:
-            blocks.append(entry.block() if isinstance(entry, _Run) else entry)
+        if isinstance(entry, _Run) and entry.ids:
+            blocks.append(entry.block())
+        elif isinstance(entry, Block):
+            blocks.append(entry)
     return blocks
 
 

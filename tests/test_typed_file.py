@@ -618,6 +618,29 @@ def test_an_add_that_fails_on_its_second_feature_buffers_nothing(tmp_path):
         assert f["y/values"][:, 0].tolist() == [0, 1, 2, 3]
 
 
+def test_a_run_whose_first_add_fails_commits_nothing_and_takes_the_next_adds(tmp_path):
+    """After a commit, the next add opens a new run of the fast path; if that add does not
+    fit, the empty run must neither make a commit of its own nor lose the adds after it."""
+    path = tmp_path / "first-fails.h5"
+    logs = XY(path, mode="w")
+    logs.add("ok-0", {"x": np.full(2, 0), "y": np.full((1, 2), 0, np.float32)})
+    logs.flush()
+    logs._get_writer().flush_seconds = None
+    with pytest.raises(ConcatError, match="'bad'.*'x'.*shape"):
+        logs.add("bad", {"x": np.full((3, 2), 9), "y": np.full((1, 2), 9, np.float32)})
+    assert logs._writer.pending == 0
+    last_commit = logs._writer._last_flush
+    logs._writer.flush()
+    assert logs._writer._last_flush == last_commit  # no empty commit
+    for k in (1, 2):
+        logs.add(f"ok-{k}", {"x": np.full(2, k), "y": np.full((1, 2), k, np.float32)})
+    assert logs._writer.pending == 2
+    logs.close()
+    with h5py.File(path) as f:
+        assert f["__src__/id"].asstr()[:].tolist() == ["ok-0", "ok-1", "ok-2"]
+        assert f["x/values"][:].tolist() == [0, 0, 1, 1, 2, 2]
+
+
 class Packed(h5m.TypedFile):
     raw = h5m.Array()
     packed = h5m.Array(compression="gzip")
