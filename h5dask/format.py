@@ -356,6 +356,27 @@ def _write_rows(ds: h5py.Dataset, at: int, parts: list[np.ndarray]) -> None:
         ds[at : at + rows.shape[0]] = rows
 
 
+def unwritten_tail(ds: h5py.Dataset) -> tuple[int, int] | None:
+    """The file bytes of the last chunk of ``ds`` past its last row, or None.
+
+    HDF5 allocates a chunk whole at its first write, so a commit that ends
+    inside one leaves the rest of it unused until the next rows go in. Only
+    for a dataset grown along its first axis in unfiltered chunks as wide as
+    its rows (so that rows follow each other in a chunk, as h5dask creates
+    ``values`` and the id table).
+    """
+    n = ds.shape[0]
+    if not n or ds.chunks is None or ds.chunks[1:] != ds.shape[1:]:
+        return None
+    rows = ds.chunks[0]
+    if not n % rows or ds.id.get_create_plist().get_nfilters():
+        return None
+    info = ds.id.get_chunk_info_by_coord((n - n % rows,) + (0,) * (ds.ndim - 1))
+    if info.byte_offset is None:
+        return None
+    return info.byte_offset + n % rows * (info.size // rows), info.byte_offset + info.size
+
+
 def write_ref_rows(refs: h5py.Dataset, positions: np.ndarray, rows: np.ndarray) -> None:
     """Write ``rows`` at ``positions`` of a ref table in one contiguous block."""
     lo, hi = int(positions.min()), int(positions.max()) + 1

@@ -15,7 +15,7 @@ from typing import Any
 import h5py
 
 from .errors import FileFormatError, ReadOnlyError
-from .repair import can_journal, journaled, needs_repair, repair
+from .repair import JournaledFile, can_journal, journaled, needs_repair, repair
 
 __all__ = ["FileHandle", "open_h5"]
 
@@ -194,6 +194,7 @@ class FileHandle:
         self._forks = forks()
         self._readers: dict[str, tuple[h5py.File, Any]] = {}
         self._writing: h5py.File | None = None
+        self._journal: JournaledFile | None = None
 
     @property
     def is_open(self) -> bool:
@@ -212,12 +213,12 @@ class FileHandle:
             yield self._writing
             return
         if write and can_journal(self.filename, self.h5_kwargs):
-            with journaled(self.filename, **self.h5_kwargs) as f:
-                self._writing = f
+            with journaled(self.filename, **self.h5_kwargs) as (f, raw):
+                self._writing, self._journal = f, raw
                 try:
                     yield f
                 finally:
-                    self._writing = None
+                    self._writing = self._journal = None
             return
         # reads take a shared lock only, so that many processes read at once
         f = open_h5(
@@ -227,6 +228,12 @@ class FileHandle:
             yield f
         finally:
             f.close()
+
+    def forget(self, start: int, stop: int) -> None:
+        """In a journaled write, the bytes ``[start, stop)`` of the file need no saving
+        (see :meth:`JournaledFile.forget`); elsewhere, nothing is saved anyway."""
+        if self._journal is not None:
+            self._journal.forget(start, stop)
 
     def reader(self, path: str) -> Any:
         """The kept dataset at ``path`` (strings decoded), reused across calls.

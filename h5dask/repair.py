@@ -8,8 +8,8 @@ in an undo journal: before HDF5 overwrites a byte that existed when the
 commit began, the old page is appended to ``FILE.h5dask-journal``. Once the
 file is closed the journal is deleted: that is the commit. If the writer
 dies, the journal survives, and :func:`repair` writes the old pages back and
-cuts the file to its old length, restoring the file exactly as it was after
-the last commit. ``docs/RELIABILITY.md`` describes the guarantees.
+cuts the file to its old length, restoring the file as it was after the last
+commit. ``docs/RELIABILITY.md`` describes the guarantees.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def needs_repair(filename: str | os.PathLike) -> bool:
 def repair(filename: str | os.PathLike) -> bool:
     """Undo the unfinished commit of a writer that died; return whether there was one.
 
-    The file is restored byte for byte to its state after its last commit:
+    The file is restored byte for byte to its state after its last commit (but
+    for space past the last rows that no read sees, see :meth:`JournaledFile.forget`):
     every source committed before the crash is kept, and
     ``TypedFile.create(filename, sources, mode="a")`` resumes the build.
 
@@ -166,6 +167,16 @@ class JournaledFile:
             self._saved.update(pages[:n])
             del pages[:n]
 
+    def forget(self, start: int, stop: int) -> None:
+        """Declare that ``[start, stop)`` holds nothing of the last commit: its whole pages
+        are overwritten without being saved first.
+
+        For the space past the last row of a dataset's last chunk, allocated whole
+        by an earlier commit: HDF5 rewrites the chunk when the next rows go in,
+        and saving its unused megabyte would double what a small commit writes.
+        """
+        self._saved.update(range(-(-start // PAGE), stop // PAGE))
+
     # -- the file object protocol h5py uses ---------------------------------------------------
 
     def seek(self, offset: int, whence: int = 0) -> int:
@@ -245,8 +256,10 @@ def _locking(h5_kwargs: dict[str, Any]) -> bool:
 
 
 @contextmanager
-def journaled(filename: str, **h5_kwargs: Any) -> Iterator[h5py.File]:
+def journaled(filename: str, **h5_kwargs: Any) -> Iterator[tuple[h5py.File, JournaledFile]]:
     """Open ``filename`` for writing inside one journaled commit; commit on a clean exit.
+
+    Yields the open file and its journaled file object.
 
     An unfinished commit left by a dead writer is undone first (:func:`repair`).
     If the body raises, the file is closed and the commit kept: h5dask's own
@@ -265,7 +278,7 @@ def journaled(filename: str, **h5_kwargs: Any) -> Iterator[h5py.File]:
         raw.close()
         raise
     try:
-        yield f
+        yield f, raw
     finally:
         f.close()
         raw.close()

@@ -443,6 +443,7 @@ class Writer:
         for path in features:  # those this batch has no data for
             if path not in written and f[path][fmt.REFS].shape[0] < total:
                 f[path][fmt.REFS].resize(total, axis=0)
+        self._forget_tail(f[fmt.IDS])
         fmt.append_ids(f, new_ids if new_index is None else new_index.utf8)
         f.flush()
         return Commit(new_ids, total, written, new_index)
@@ -467,6 +468,7 @@ class Writer:
                 f, path, like, first_nbytes, self.file._ds_kwargs(path), total
             )
         values, refs = group[fmt.VALUES], group[fmt.REFS]
+        self._forget_tail(values)
         if fmt.is_string_dtype(values.dtype):
             arrays = [
                 np.array([_to_str(v) for v in a.flat], dtype=object).reshape(a.shape)
@@ -480,6 +482,14 @@ class Writer:
             refs.resize(total, axis=0)
         fmt.write_ref_rows(refs, positions[present], table)
         return positions[present], table
+
+    def _forget_tail(self, ds: h5py.Dataset) -> None:
+        """Spare the journal the unused end of the last chunk of ``ds``, about to be appended
+        to. Only for datasets whose appends write every row they add (``values``, the ids):
+        a ref table relies on HDF5's fill value for rows it grows into without writing."""
+        tail = fmt.unwritten_tail(ds)
+        if tail is not None:
+            self.file._handle.forget(*tail)
 
 
 def _check_space(filename: str, blocks: list[Block]) -> None:

@@ -420,3 +420,48 @@ def test_the_journal_saves_each_run_of_old_pages_once_and_repair_restores_them(t
     raw.abandon()
     assert path.read_bytes() != original
     assert repair(path) and path.read_bytes() == original
+
+
+DIES_MID_COMMIT = """
+import os, sys
+import numpy as np
+import h5dask as h5m
+from h5dask import format as fmt
+
+
+def die(*args):
+    os._exit(3)  # dead after writing the values, before committing the ids
+
+
+with h5m.TypedFile(sys.argv[1], mode="a") as file:
+    file._get_writer().flush_seconds = None  # one commit of all 400 adds
+    fmt.append_ids = die
+    for i in range(10, 410):
+        file.add(str(i), {"x": np.full((2, 16), -i, np.float32)})
+"""
+
+
+def test_a_writer_dead_after_writing_into_the_unused_end_of_a_chunk_loses_nothing(tmp_path):
+    """The journal does not save the unused end of the last chunk of ``values``, which the
+    next commit fills: once repaired, the file holds its last commit, whatever the dead
+    writer left past it, and the next appends (fewer rows than it wrote) read back right."""
+    path = tmp_path / "tail.h5"
+    with h5m.TypedFile(path, mode="w") as file:
+        for i in range(10):
+            file.add(str(i), {"x": np.full((2, 16), i, np.float32)})
+    with h5py.File(path) as f:
+        assert f["x/values"].chunks[0] > 1000  # the dead writer's 800 rows go into chunk 0
+    script = tmp_path / "dies.py"
+    script.write_text(DIES_MID_COMMIT)
+    assert subprocess.run([sys.executable, str(script), str(path)]).returncode == 3
+    assert needs_repair(path)
+    assert os.path.getsize(journal_path(path)) < 800 * 64  # the rows' pages were not saved
+    with h5m.TypedFile(path, mode="a") as file:  # repairs first
+        file.add("10", {"x": np.full((1, 16), 10, np.float32)})
+    with h5m.TypedFile(path) as file:
+        assert file.ids.tolist() == [str(i) for i in range(11)]
+        for i in range(10):
+            assert np.array_equal(file.x.get(str(i)), np.full((2, 16), i, np.float32))
+        assert np.array_equal(file.x.get("10"), np.full((1, 16), 10, np.float32))
+    with h5py.File(path) as f:
+        assert f["x/values"].shape == (21, 16)
