@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
-from numpy import ndarray
+from numpy import ndarray  # a global name: add's fast path checks every array against it
 
 from . import format as fmt
 from .errors import ConcatError, DiskFullError
