@@ -884,6 +884,30 @@ def test_memory_in_flight_is_bounded_by_the_window_not_the_number_of_sources():
     assert peak < (window + 2 * workers) * engine.PARTITION_BYTES
 
 
+@pytest.mark.parametrize("where", ["client", "threads"])
+def test_freed_memory_goes_back_after_each_partition_from_other_processes(
+    tmp_path, client, monkeypatch, where
+):
+    trims = []
+
+    def counted():
+        trims.append(1)
+        real()
+
+    real = engine.release_free_memory
+    monkeypatch.setattr(engine, "release_free_memory", counted)
+    sources = [str(i) for i in range(3000)]
+    scheduler = client if where == "client" else where
+    with build(tmp_path / "x.h5", sources, {"x": Filler(4 << 10)}, scheduler=scheduler) as f:
+        assert len(f) == 3000
+    if where == "client":  # one a partition, of at most ceil(3000 / 16) = 188 ids
+        assert len(trims) >= 16
+    else:  # threads: their blocks reuse the freed memory, which a trim would give away
+        assert trims == []
+    if sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION"):
+        assert engine._malloc_trim() is not None  # glibc: the trim is real, not a no-op
+
+
 class Wide(h5m.Feature):
     """Rows of 16 KiB, so that a partition's results go through shared-memory files."""
 
