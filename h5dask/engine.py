@@ -414,22 +414,23 @@ def run_loads(
                 yield packed.unspill()
                 bar.update(len(packed.ids))
                 if where.processes:
-                    release_free_memory()
+                    _release_free_memory()
 
 
-def release_free_memory() -> None:
+def _release_free_memory() -> None:
     """Hand the pages of freed memory back to the system (glibc's ``malloc_trim``; a no-op
     with other C libraries).
 
     Results from other processes arrive as many small objects (ids, row counts,
-    message frames) made by distributed's event-loop thread and freed by the
-    writer's, and glibc keeps what they leave free in per-thread arenas, where it
-    fragments. Trimmed after each partition, the writer's resident memory stays
-    flat: 200,000 small sources peaked at 1.08x what 20,000 did, against
-    1.17-1.24x untrimmed. Results loaded by threads of this process are not
-    trimmed after: their blocks of several MiB reuse the memory freed before
-    them, and a trim would make each fault its pages afresh (on the medium
-    workload of ``benchmarks/bench_create.py``: 0.70-0.78 s instead of 0.53-0.66).
+    message frames) made by the thread that receives them (distributed's event
+    loop, or the process pool's) and freed by the writer's, and glibc keeps what
+    they leave free in per-thread arenas, where it fragments. Trimmed after each
+    partition, the writer's resident memory stays flat: 200,000 small sources
+    peaked at 1.08-1.10x what 20,000 did, against 1.17-1.24x untrimmed. Results
+    loaded by threads of this process are not trimmed after: their blocks of
+    several MiB reuse the memory freed before them, and a trim would make each
+    fault its pages afresh (on the medium workload of
+    ``benchmarks/bench_create.py``: 0.70-0.78 s instead of 0.53-0.66).
     A trim takes 0.1-0.3 ms.
     """
     trim = _malloc_trim()

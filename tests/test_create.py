@@ -894,8 +894,8 @@ def test_freed_memory_goes_back_after_each_partition_from_other_processes(
         trims.append(1)
         real()
 
-    real = engine.release_free_memory
-    monkeypatch.setattr(engine, "release_free_memory", counted)
+    real = engine._release_free_memory
+    monkeypatch.setattr(engine, "_release_free_memory", counted)
     sources = [str(i) for i in range(3000)]
     scheduler = client if where == "client" else where
     with build(tmp_path / "x.h5", sources, {"x": Filler(4 << 10)}, scheduler=scheduler) as f:
