@@ -369,12 +369,17 @@ def unwritten_tail(ds: h5py.Dataset) -> tuple[int, int] | None:
     if not n or ds.chunks is None or ds.chunks[1:] != ds.shape[1:]:
         return None
     rows = ds.chunks[0]
-    if not n % rows or ds.id.get_create_plist().get_nfilters():
+    if not n % rows or is_filtered(ds):
         return None
     info = ds.id.get_chunk_info_by_coord((n - n % rows,) + (0,) * (ds.ndim - 1))
     if info.byte_offset is None:
         return None
     return info.byte_offset + n % rows * (info.size // rows), info.byte_offset + info.size
+
+
+def is_filtered(ds: h5py.Dataset) -> bool:
+    """Whether the chunks of ``ds`` go through filters (compression, checksums...)."""
+    return bool(ds.id.get_create_plist().get_nfilters())
 
 
 def write_ref_rows(refs: h5py.Dataset, positions: np.ndarray, rows: np.ndarray) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import h5py
 
+from . import format as fmt
 from .errors import FileFormatError, ReadOnlyError
 from .repair import JournaledFile, can_journal, journaled, needs_repair, repair
 
@@ -251,9 +252,7 @@ class FileHandle:
 
     def _dataset(self, f: h5py.File, path: str) -> h5py.Dataset:
         ds = f[path]
-        if "rdcc_nbytes" in self.h5_kwargs or ds.chunks is None:
-            return ds
-        if not ds.id.get_create_plist().get_nfilters():
+        if "rdcc_nbytes" in self.h5_kwargs or ds.chunks is None or not fmt.is_filtered(ds):
             return ds
         name = ds.name
         del ds  # HDF5 shares one cache between the handles of an open dataset: close it first
