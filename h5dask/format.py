@@ -243,6 +243,11 @@ def is_string_dtype(dtype: np.dtype) -> bool:
     return h5py.check_string_dtype(dtype) is not None
 
 
+def item_nbytes(dtype: np.dtype) -> int:
+    """Bytes an item of ``dtype`` counts for chunking: a variable-length string counts 64."""
+    return 64 if is_string_dtype(dtype) else max(1, dtype.itemsize)
+
+
 def default_chunks(
     trailing: tuple[int, ...], dtype: np.dtype, first_nbytes: int = CHUNK_BYTES
 ) -> tuple[int, ...]:
@@ -254,7 +259,7 @@ def default_chunks(
     on disk. The first source, not the first write, sets them, so chunks do
     not depend on how results were batched (a resumed build equals a clean one).
     """
-    itemsize = 64 if is_string_dtype(dtype) else max(1, dtype.itemsize)
+    itemsize = item_nbytes(dtype)
     target = FIRST_SOURCES_PER_CHUNK << max(0, int(first_nbytes) - 1).bit_length()
     target = min(CHUNK_BYTES, max(MIN_CHUNK_BYTES, target))
     shape = [max(1, n) for n in trailing]
@@ -269,13 +274,17 @@ def create_feature(
     parent: h5py.File,
     path: str,
     like: np.ndarray,
-    first_nbytes: int,
+    first_rows: int,
     ds_kwargs: dict[str, Any],
     n: int,
 ) -> h5py.Group:
     """Create the feature group ``path`` with empty ``values`` for arrays ``like`` this
-    one (in dtype and trailing shape); ``first_nbytes``, the size of the first source's
+    one (in dtype and trailing shape); ``first_rows``, the length of the first source's
     array, sets default chunks.
+
+    The first source's size is counted as stored (:func:`item_nbytes`), not as
+    ``like`` holds it: a block of numpy strings is as wide as its longest one, so
+    that counting would make chunks depend on batching.
 
     Numbers are stored without a fill value unless ``ds_kwargs`` sets one: the append
     that grows ``values`` writes every row it adds, so HDF5 need not fill a new chunk
@@ -288,6 +297,7 @@ def create_feature(
     kwargs.pop("shape", None)
     kwargs.pop("maxshape", None)
     if kwargs.get("chunks", True) is True or kwargs.get("chunks") is None:
+        first_nbytes = max(1, first_rows) * item_nbytes(dtype) * math.prod(trailing)
         kwargs["chunks"] = default_chunks(trailing, dtype, first_nbytes)
     if "fillvalue" not in kwargs and not is_string_dtype(dtype):
         kwargs.setdefault("fill_time", "never")  # rows are written before they are read

@@ -461,11 +461,10 @@ class Writer:
         group = f.get(path)
         if group is None or fmt.VALUES not in group:
             self.file._init_feature_group(f, path)
-            sizes, like = rows[rows > 0], arrays[0]
-            row_nbytes = like.itemsize * math.prod(like.shape[1:])
-            first_nbytes = int(sizes[0] if len(sizes) else 1) * row_nbytes
+            sizes = rows[rows > 0]
+            first_rows = int(sizes[0]) if len(sizes) else 1
             group = fmt.create_feature(
-                f, path, like, first_nbytes, self.file._ds_kwargs(path), total
+                f, path, arrays[0], first_rows, self.file._ds_kwargs(path), total
             )
         values, refs = group[fmt.VALUES], group[fmt.REFS]
         self._forget_tail(values)

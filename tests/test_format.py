@@ -173,6 +173,36 @@ def test_chunks_depend_on_the_first_source_not_on_batching(tmp_path, flush_bytes
         assert h["log/values"].chunks == (2048,)  # 16 KiB, the least
 
 
+class Word(h5m.Feature):
+    def load(self, source):
+        return "w" * (1 + int(source) * 7 % 200)
+
+
+class Words(h5m.TypedFile):
+    word = Word()
+    letters = h5m.Array()
+
+
+def test_string_chunks_do_not_depend_on_batching(tmp_path):
+    """A build resumed after its first commit gets the chunks of a clean one: a batch of
+    numpy strings is as wide as its longest, which once set the first source's size."""
+    sources = [str(i) for i in range(300)]
+    clean, resumed = tmp_path / "clean.h5", tmp_path / "resumed.h5"
+    Words.create(clean, sources, scheduler="sync", progress=False)
+    Words.create(resumed, sources[:1], scheduler="sync", progress=False)  # "interrupted"
+    Words.create(resumed, sources, mode="a", scheduler="sync", progress=False)
+    for flush_bytes, path in [(1, tmp_path / "adds.h5"), (1 << 30, tmp_path / "batch.h5")]:
+        with Words(path, mode="w") as f:
+            f._get_writer().flush_bytes = flush_bytes  # a commit per add, or one at close
+            for i in range(50):
+                f.add(str(i), {"letters": np.array(["ab", "c" * (i + 1)])})
+    with h5py.File(clean) as a, h5py.File(resumed) as b:
+        assert a["word/values"][:].tolist() == b["word/values"][:].tolist()
+        assert a["word/values"].chunks == b["word/values"].chunks == (1024,)  # 64 B a str
+    with h5py.File(tmp_path / "adds.h5") as a, h5py.File(tmp_path / "batch.h5") as b:
+        assert a["letters/values"].chunks == b["letters/values"].chunks == (2048,)  # 2 x 64 B first
+
+
 def test_uncommitted_tails_are_trimmed_on_the_next_write(tmp_path):
     path = tmp_path / "t.h5"
     f = h5m.TypedFile(path, mode="w")
