@@ -208,7 +208,7 @@ class FileHandle:
         if write and self.mode == "r":
             raise ReadOnlyError(f"{self.filename!r} is open read-only; open it with mode='r+'")
         if self.keep_open:
-            yield self._cached()
+            yield self._cached(write)
             return
         if self._writing is not None:  # nested in a journaled write: the same file
             yield self._writing
@@ -274,13 +274,28 @@ class FileHandle:
             self._file = None
         return self._file
 
-    def _cached(self) -> h5py.File:
+    def _cached(self, write: bool = False) -> h5py.File:
+        """The kept file, opened read-only until a write asks for more.
+
+        A read-only open takes HDF5's shared lock only: a file kept open to
+        be read, in any process, never stops another process from reading
+        it (DataLoader workers of a ``keep_open`` dataset). Once this process
+        writes, the kept file stays open for writing.
+        """
         f = self._live()
+        if f is not None and write and f.mode == "r":
+            self.close()
+            f = None
         if f is None:
-            f = self._file = open_h5(
-                self.filename, self.mode, **without_chunk_cache(self.h5_kwargs)
-            )
+            mode = self.mode if write else "r"
+            f = self._file = open_h5(self.filename, mode, **without_chunk_cache(self.h5_kwargs))
         return f
+
+    @property
+    def writable(self) -> bool:
+        """Whether this process's kept file is open for writing."""
+        f = self._live()
+        return f is not None and f.mode != "r"
 
     def __getstate__(self) -> dict[str, Any]:
         if self.h5_kwargs.get("driver") == "core" and not self.h5_kwargs.get("backing_store", True):

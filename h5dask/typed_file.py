@@ -131,14 +131,14 @@ class TypedFile:
         """
         self.flush()
         if self.keep_open:
-            return self._handle._cached()
+            return self._handle._cached(write=(mode or "r") != "r")
         return open_h5(self.filename, mode or self.mode, **self._handle.h5_kwargs)
 
     def flush(self) -> None:
         """Commit every buffered ``add`` to the file."""
         self._commit()
-        if self._handle.is_open and self.mode != "r":
-            self._handle._cached().flush()
+        if self._handle.writable:
+            self._handle._cached(write=True).flush()
 
     def close(self) -> None:
         """Commit buffered writes and close the kept handle, if any."""
