@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import LoadError, ResultTypeError, SourceFeatureError
 
-__all__ = ["load_schema", "normalize", "flatten"]
+__all__ = ["load_schema", "may_load", "normalize", "flatten"]
 
 Result = dict[str, Any]
 
@@ -55,6 +55,29 @@ def load_schema(source: Any, schema: Mapping[str, Any], prefix: str = "") -> Res
         if value is not None:
             out[name] = value
     return out
+
+
+def may_load(source: Any, schema: Mapping[str, Any]) -> bool:
+    """Whether some feature of ``schema`` would call ``load`` on ``source`` (by its ``__re__``).
+
+    Examples
+    --------
+    >>> import h5dask as h5m
+    >>> class Png(h5m.Feature):
+    ...     __re__ = r"\\.png$"
+    ...     def load(self, source): ...
+    >>> may_load("a.png", {"img": Png()}), may_load("a.wav", {"img": Png()})
+    (True, False)
+    """
+    for feature in schema.values():
+        if not feature.loads or feature.derived_from is not None:
+            continue  # a derived feature loads only what another one loaded
+        if isinstance(source, str) and not _matches(feature.__re__, source):
+            continue
+        members = getattr(feature, "features", None)
+        if not isinstance(members, Mapping) or may_load(source, members):
+            return True
+    return False
 
 
 @functools.lru_cache(maxsize=256)

@@ -11,7 +11,8 @@ import h5py
 
 from . import format as fmt
 from .engine import Packed, check_scheduler, run_loads
-from .errors import H5DaskError, SchemaError
+from .errors import H5DaskError, SchemaError, SourceError
+from .extract import may_load
 from .failures import Failure, read_failures, record_failures
 from .feature import Feature
 from .sources import expand_sources
@@ -46,6 +47,7 @@ def create(
         raise ValueError(f"create() takes mode 'w', 'a', 'r+', 'w-' or 'x', not {mode!r}")
     scheduler = _scheduler(scheduler, parallelism)
     ids = expand_sources(sources)
+    _check_some_load(ids, schema)
     file = cls(filename, mode=mode, schema=schema, **h5_kwargs)
     for feature in schema.values():
         feature.before_create(ids)
@@ -58,6 +60,33 @@ def create(
     _after_create(file, schema)
     file.keep_open = keep_open
     return file
+
+
+def _check_some_load(ids: list[str], schema: dict[str, Feature]) -> None:
+    """Refuse sources of which no feature's ``__re__`` matches any (a typo'd folder is
+    kept as a plain source): the build would write no id and look like a success."""
+    if any(may_load(id, schema) for id in ids):
+        return
+    shown = ", ".join(repr(id) for id in ids[:5]) + (f" and {len(ids) - 5} more" * (len(ids) > 5))
+    wanted = ", ".join(f"{p}: {f.__re__}" for p, f in _patterns(schema))
+    missing = [id for id in ids[:5] if "://" not in id and not os.path.exists(id)]
+    hint = f"; no file or folder is named {', '.join(map(repr, missing))}" if missing else ""
+    raise SourceError(
+        f"no feature loads any of the {len(ids)} sources {shown}: their __re__ "
+        f"({wanted}) match none of them{hint}"
+    )
+
+
+def _patterns(schema: Mapping[str, Feature], prefix: str = "") -> list[tuple[str, Feature]]:
+    """The loading features of ``schema`` by path, Groups' members included."""
+    out = []
+    for name, feature in schema.items():
+        members = getattr(feature, "features", None)
+        if isinstance(members, Mapping):
+            out += _patterns(members, prefix + name + "/")
+        elif feature.loads and feature.derived_from is None:
+            out.append((prefix + name, feature))
+    return out
 
 
 def _not_committed(file: TypedFile, ids: list[str]) -> list[str]:

@@ -172,7 +172,10 @@ def expand_sources(
         _check_storable(expanded)
         out.extend(expanded)
     if not sources:
-        raise SourceError("no sources given")
+        raise SourceError(
+            "no sources given (a file filled by add() alone is opened with mode='w', "
+            "not created from sources)"
+        )
     if empty and out:
         warnings.warn(f"sources with no files{_filtered(pattern)}: {_some(empty)}")
     if not out:

@@ -322,6 +322,10 @@ class TypedFile:
         ------
         SchemaError
             The schema is empty or loads nothing.
+        SourceError
+            No sources (``[]``, an empty folder or glob), or none that a feature's
+            ``__re__`` matches (a typo'd folder is kept as a plain source): the
+            file is left as it was. Build an empty file with ``cls(path, mode="w")``.
         LoadError, ConcatError
             With ``on_error="raise"``: the first source that failed, naming
             the source, the feature and the cause; every source before it

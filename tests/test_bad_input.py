@@ -135,6 +135,24 @@ def test_an_empty_source_list_leaves_the_file_alone(tmp_path):
     assert plain_read(path)["ids"] == before["ids"] == ["a"]
 
 
+def test_sources_no_feature_loads_are_an_error_and_leave_the_file_alone(tmp_path):
+    """A typo'd folder, a folder of files no ``__re__`` matches: no id would be written."""
+    path = tmp_path / "e.h5"
+    build(path, ["ok-1"], {"kind": Kind()})
+    (tmp_path / "wavs").mkdir()
+    for name in ("a.wav", "b.wav"):
+        (tmp_path / "wavs" / name).write_bytes(b"RIFF")
+    schema = {"grp": h5m.Group(kind=Kind(), arr=h5m.Array())}
+    typo = str(tmp_path / "okz")
+    with pytest.raises(SourceError, match=rf"any of the 1 sources {re.escape(repr(typo))}.*"
+                       r"grp/kind: \^\(ok.*no file or folder is named"):  # fmt: skip
+        build(path, [typo], schema)
+    with pytest.raises(SourceError, match=r"any of the 2 sources .*a\.wav', .*b\.wav'"):
+        build(path, tmp_path / "wavs", schema, mode="a")
+    assert plain_read(path)["ids"] == ["ok-1"]
+    assert build(path, [typo, "ok-2"], schema).ids.tolist() == ["ok-2"]  # one matches: built
+
+
 ODD_IDS = ["with space", "  leading and trailing  ", "é/ü/日本語", "a/b/c", "/rooted", "tab\there"]
 ODD_IDS += ["emoji 🎉", "quote ' and \"", "new\nline", "x" * 300]
 

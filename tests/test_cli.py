@@ -192,6 +192,28 @@ def test_build_bad_module_class(folder, spec, words, code):
     assert not (folder / "out.h5").exists()
 
 
+def test_build_of_sources_no_feature_loads_is_one_line(tmp_path):
+    """A typo'd folder is kept as a plain source that no feature's __re__ matches: the build
+    would write 0 ids and exit 0; it is an error naming the source, and OUT is not written."""
+    (tmp_path / "png.py").write_text(
+        "import numpy as np, h5dask as h5m\n"
+        "class Png(h5m.Feature):\n"
+        "    __re__ = r'\\.png$'\n"
+        "    def load(self, source):\n"
+        "        return np.zeros(3)\n"
+        "class Imgs(h5m.TypedFile):\n"
+        "    img = Png()\n"
+    )
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.wav").write_bytes(b"RIFF")
+    for source, words in [("imgz", ["'imgz'", "no file or folder"]), ("imgs", ["a.wav"])]:
+        result = h5dask("build", "png.py:Imgs", "out.h5", source, "--scheduler", "sync",
+                        cwd=tmp_path)  # fmt: skip
+        assert_user_error(result, "no feature loads any of the 1 sources", r"img: \.png$", *words)
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "out.h5").exists()
+
+
 def test_build_error_in_the_users_module_is_one_line(tmp_path):
     (tmp_path / "broken.py").write_text("raise RuntimeError('boom at import')\n")
     result = h5dask("build", "broken.py:Exp", "out.h5", "1", cwd=tmp_path)
