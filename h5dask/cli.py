@@ -90,8 +90,19 @@ def _command(commands: Any, common: argparse.ArgumentParser, name: str, help: st
     return commands.add_parser(name, parents=[common], help=help, description=help)
 
 
-def _open(filename: str) -> TypedFile:
-    return TypedFile(filename, mode="r")
+def _open(filename: str, allow_external: bool = False) -> TypedFile:
+    return TypedFile(filename, mode="r", allow_external=allow_external)
+
+
+def _add_file(sub: argparse.ArgumentParser) -> None:
+    """The FILE argument of a command that reads one, and ``--allow-external``."""
+    sub.add_argument("file", metavar="FILE", help="an HDF5 file")
+    sub.add_argument(
+        "--allow-external",
+        action="store_true",
+        help="read datasets whose data HDF5 keeps in other files (external storage, virtual "
+        "datasets); by default they are refused and no other file is opened",
+    )
 
 
 # -- info ---------------------------------------------------------------------------------------
@@ -105,7 +116,7 @@ def _add_info(commands: Any, common: argparse.ArgumentParser) -> None:
         "Print the file's table: features down, ids across, each cell the shape of that "
         "source's array or None; with dtypes, row counts, sizes on disk, compression and attrs.",
     )
-    sub.add_argument("file", metavar="FILE", help="an HDF5 file")
+    _add_file(sub)
     sub.add_argument(
         "--ids", type=_positive, default=MAX_IDS, metavar="N", help="ids shown as columns"
     )
@@ -114,7 +125,7 @@ def _add_info(commands: Any, common: argparse.ArgumentParser) -> None:
 
 def run_info(args: argparse.Namespace) -> None:
     """``h5dask info``: the table, then the failures that ``create`` recorded."""
-    file = _open(args.file)
+    file = _open(args.file, args.allow_external)
     print(text_table(file, max_ids=args.ids))
     failures = file.errors
     if failures:
@@ -136,7 +147,7 @@ def _add_ls(commands: Any, common: argparse.ArgumentParser) -> None:
     sub = _command(
         commands, common, "ls", "List the groups and features at PATH (default: the top level)."
     )
-    sub.add_argument("file", metavar="FILE", help="an HDF5 file")
+    _add_file(sub)
     sub.add_argument("path", metavar="PATH", nargs="?", default="", help="a group or feature")
     sub.add_argument("-r", "--recursive", action="store_true", help="list everything below PATH")
     sub.set_defaults(run=run_ls)
@@ -144,7 +155,7 @@ def _add_ls(commands: Any, common: argparse.ArgumentParser) -> None:
 
 def run_ls(args: argparse.Namespace) -> None:
     """``h5dask ls``: one line per group or feature."""
-    file = _open(args.file)
+    file = _open(args.file, args.allow_external)
     path = _proxy(file, args.path).path
     layout = file._layout()
     if path in layout and layout[path].kind != "group":
@@ -155,19 +166,24 @@ def run_ls(args: argparse.Namespace) -> None:
         paths = below if args.recursive else [p for p in below if "/" not in p[len(prefix) :]]
     with file._handle.open() as f:
         n = fmt.n_ids(f)
-        lines = [_ls_columns(f, p, layout, n) for p in paths]
+        lines = [_ls_columns(f, p, layout, n, file.allow_external) for p in paths]
     _print_columns(lines)
 
 
-def _ls_columns(f: h5py.File, path: str, layout: dict[str, fmt.Node], n: int) -> list[str]:
+def _ls_columns(
+    f: h5py.File, path: str, layout: dict[str, fmt.Node], n: int, allow_external: bool
+) -> list[str]:
     node = layout[path]
     if node.kind == "group":
         prefix = path + "/"
         members = sum(1 for p in layout if p.startswith(prefix) and "/" not in p[len(prefix) :])
         return [prefix, "group", f"{members} member" + "s" * (members != 1)]
     count = "-"
+    if node.other_files and not allow_external:  # described, never read
+        return [path, node.kind, str(node.shape), str(node.dtype), "in other files, not read: "
+                + ", ".join(node.other_files)]  # fmt: skip
     if node.kind == "feature":
-        refs = fmt.read_refs(f[path], n)
+        refs = fmt.read_refs(f[path], n, allow_external)
         count = f"{int((refs[:, 0] >= 0).sum())}/{n} ids"
     stored = _size(node.nbytes_stored) + (f" ({node.compression})" if node.compression else "")
     return [path, node.kind, str(node.shape), str(node.dtype), count, stored]
@@ -192,7 +208,7 @@ def _add_show(commands: Any, common: argparse.ArgumentParser) -> None:
         "min/max/mean of numbers and a preview. ID is an id, or the integer position of one "
         "when no id is spelled so.",
     )
-    sub.add_argument("file", metavar="FILE", help="an HDF5 file")
+    _add_file(sub)
     sub.add_argument("feature", metavar="FEATURE", help='a feature or group, e.g. "data/images"')
     sub.add_argument("id", metavar="ID", help="a source id, or its position")
     sub.set_defaults(run=run_show)
@@ -200,7 +216,7 @@ def _add_show(commands: Any, common: argparse.ArgumentParser) -> None:
 
 def run_show(args: argparse.Namespace) -> None:
     """``h5dask show``: the summary of each array that ``id`` has under ``feature``."""
-    file = _open(args.file)
+    file = _open(args.file, args.allow_external)
     proxy = _proxy(file, args.feature)
     id = _resolve_id(file, args.id)
     print(f"id {id!r} in {file.filename!r}")

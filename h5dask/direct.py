@@ -21,6 +21,8 @@ import os
 import h5py
 import numpy as np
 
+from . import format as fmt
+
 __all__ = ["read_rows"]
 
 
@@ -59,7 +61,7 @@ def _stored_as_is(ds: h5py.Dataset) -> bool:
     if ds.chunks is not None and ds.chunks[1:] != ds.shape[1:]:
         return False
     dcpl = ds.id.get_create_plist()
-    if dcpl.get_nfilters() or dcpl.get_external_count():
+    if dcpl.get_nfilters() or fmt.other_files(ds, dcpl):  # external raw storage
         return False
     file = ds.file  # read-only: no HDF5 handle in this process may hold unflushed writes
     return file.mode == "r" and file.driver == "sec2"

@@ -64,10 +64,15 @@ def _title(file: TypedFile, path: str, n_ids: int) -> str:
     return f"<{label} /{path} of {name}: {n_ids} ids>"
 
 
-def _feature_row(f: h5py.File, path: str, node: fmt.Node, n: int, shown: int) -> list[str]:
+def _feature_row(
+    f: h5py.File, path: str, node: fmt.Node, n: int, shown: int, allow_external: bool
+) -> list[str]:
     row = [path, str(node.dtype), str(node.shape[0]) if node.shape else "0"]
+    if node.other_files and not allow_external:  # described, never read
+        files = ", ".join(node.other_files)
+        return [*row, "-", f"in other files, not read: {files}", *["-"] * shown]
     if node.kind == "feature":
-        refs = fmt.read_refs(f[path], n)
+        refs = fmt.read_refs(f[path], n, allow_external)
         row.append(str(int((refs[:, 0] >= 0).sum())))
         cells = [_cell(refs, i, node.shape[1:]) for i in range(shown)]
     else:
@@ -107,10 +112,12 @@ def read_table(file: TypedFile, max_ids: int = MAX_IDS, path: str = "") -> Table
     layout = file._layout()
     leaves = [p for p, node in layout.items() if node.kind != "group" and _under(p, path)]
     groups = [p for p, node in layout.items() if node.kind == "group" and _under(p, path)]
+    allow = file.allow_external
     with file._handle.open() as f:
         n = fmt.n_ids(f)
-        shown = np.array(f[fmt.IDS][:max_ids], dtype=StringDType()).tolist() if n else []
-        rows = [_feature_row(f, p, layout[p], n, len(shown)) for p in leaves]
+        first = fmt.check_local(f[fmt.IDS], allow)[:max_ids] if n else []
+        shown = np.array(first, dtype=StringDType()).tolist()
+        rows = [_feature_row(f, p, layout[p], n, len(shown), allow) for p in leaves]
         attrs = _attrs(f, [path] * (path not in layout) + groups + leaves)
     header = ["feature", "dtype", "rows", "ids with data", "stored", *shown]
     if n > len(shown):

@@ -17,6 +17,7 @@ __all__ = [
     "ReadOnlyError",
     "SchemaError",
     "FileFormatError",
+    "ExternalFileError",
     "SourceError",
     "DiskFullError",
     "StaleFileError",
@@ -90,6 +91,11 @@ class SchemaError(H5DaskError, ValueError):
 
 class FileFormatError(H5DaskError, OSError):
     """A file that is not HDF5, or whose h5dask tables are inconsistent."""
+
+
+class ExternalFileError(FileFormatError):
+    """A dataset whose data HDF5 would read from another file (external storage, a
+    virtual dataset), refused unless the file is opened with ``allow_external=True``."""
 
 
 class SourceError(H5DaskError, OSError):

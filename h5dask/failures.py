@@ -51,10 +51,16 @@ def record_failures(f: h5py.File, failures: Iterable[Failure]) -> None:
         fmt.append_rows(group[field], column)
 
 
-def read_failures(f: h5py.File) -> list[Failure]:
-    """Every failure recorded in the file, oldest first."""
+def read_failures(f: h5py.File, allow_external: bool = False) -> list[Failure]:
+    """Every failure recorded in the file, oldest first.
+
+    Raises
+    ------
+    ExternalFileError
+        A column reads another file (see :func:`h5dask.format.check_local`).
+    """
     if fmt.ERRORS not in f:
         return []
     group = f[fmt.ERRORS]
-    columns = [group[field].asstr()[:] for field in FIELDS]
+    columns = [fmt.check_local(group[field], allow_external).asstr()[:] for field in FIELDS]
     return [Failure(*row) for row in zip(*columns, strict=True)]

@@ -15,7 +15,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .errors import FileFormatError
+from .errors import ExternalFileError, FileFormatError
 
 FORMAT = "h5dask"
 FORMAT_VERSION = 1
@@ -82,16 +82,69 @@ def _hard_class(group: h5py.Group, name: str) -> type | None:
     return group.get(name, getclass=True)
 
 
+def other_files(ds: h5py.Dataset, dcpl: h5py.h5p.PropDCID | None = None) -> tuple[str, ...]:
+    """The files other than its own that ``ds``'s data is read from, as the file names them.
+
+    Raw data stored in external files (``h5py`` ``external=``) and the sources of
+    a virtual dataset (its own file, ``"."``, aside). HDF5 opens them on each
+    read; h5dask does not unless allowed (:func:`check_local`).
+    """
+    dcpl = dcpl or ds.id.get_create_plist()
+    names = [dcpl.get_external(i)[0] for i in range(dcpl.get_external_count())]
+    if dcpl.get_layout() == h5py.h5d.VIRTUAL:
+        names += [dcpl.get_virtual_filename(i) for i in range(dcpl.get_virtual_count())]
+    decoded = (n.decode("utf-8", "backslashreplace") if isinstance(n, bytes) else n for n in names)
+    return tuple(dict.fromkeys(n for n in decoded if n != "."))
+
+
+def own_files(f: h5py.File) -> frozenset[str]:
+    """The other files that h5dask itself recorded as parts of ``f`` (its shards, once the
+    format has them), which reading ``f`` may open without being allowed to: none yet."""
+    return frozenset()
+
+
+def check_local(ds: h5py.Dataset, allow_external: bool = False) -> h5py.Dataset:
+    """``ds``, if reading it opens no file but its own (see :func:`other_files`).
+
+    Raises
+    ------
+    ExternalFileError
+        ``ds`` reads other files and ``allow_external`` is False.
+    """
+    if not allow_external:
+        own = own_files(ds.file)
+        files = tuple(name for name in other_files(ds) if name not in own)
+        refuse_other_files(ds.file.filename, ds.name, files)
+    return ds
+
+
+def refuse_other_files(filename: str, path: str, foreign: tuple[str, ...]) -> None:
+    """Raise :class:`ExternalFileError` if HDF5 reads the files ``foreign`` for ``path``."""
+    if foreign:
+        raise ExternalFileError(
+            f"{filename!r}, dataset {path.strip('/')!r}: its data is read from other files "
+            f"({', '.join(map(repr, foreign[:3]))}{', ...' if len(foreign) > 3 else ''}: "
+            "external storage or a virtual dataset), which h5dask does not open unless "
+            "allowed: TypedFile(..., allow_external=True), or h5dask --allow-external"
+        )
+
+
 def n_ids(f: h5py.File) -> int:
     """Number of committed ids."""
     return f[IDS].shape[0] if IDS in f else 0
 
 
-def read_ids(f: h5py.File) -> np.ndarray:
-    """All committed ids, as a fixed-width array of their UTF-8 bytes (no object per id)."""
+def read_ids(f: h5py.File, allow_external: bool = False) -> np.ndarray:
+    """All committed ids, as a fixed-width array of their UTF-8 bytes (no object per id).
+
+    Raises
+    ------
+    ExternalFileError
+        The id table reads another file (see :func:`check_local`).
+    """
     if IDS not in f or not f[IDS].shape[0]:
         return np.array([], dtype="S1")
-    return f[IDS][:].astype("S")
+    return check_local(f[IDS], allow_external)[:].astype("S")
 
 
 def check_root(f: h5py.File) -> None:
@@ -167,15 +220,17 @@ def append_ids(f: h5py.File, ids: list[str] | np.ndarray) -> None:
         raise
 
 
-def read_refs(group: h5py.Group, n: int) -> np.ndarray:
+def read_refs(group: h5py.Group, n: int, allow_external: bool = False) -> np.ndarray:
     """The first ``n`` rows of a feature group's ref table, checked (see :func:`check_refs`).
 
     Raises
     ------
     FileFormatError
         The table is not ``(>= n, 2)`` integers, or a row points outside ``values``.
+    ExternalFileError
+        The table reads another file (see :func:`check_local`).
     """
-    refs, where = group[REFS], _where(group)
+    refs, where = check_local(group[REFS], allow_external), _where(group)
     if refs.ndim != 2 or refs.shape[1] != 2 or refs.dtype.kind not in "iu":
         raise FileFormatError(
             f"{where}: refs has shape {refs.shape} and dtype {refs.dtype}, not (n_ids, 2) integers"
@@ -408,14 +463,14 @@ def committed_stop(refs: np.ndarray) -> int:
     return int(refs[:, 1].max(initial=0))
 
 
-def trim_uncommitted(f: h5py.File, feature_paths: list[str]) -> None:
+def trim_uncommitted(f: h5py.File, feature_paths: list[str], allow_external: bool = False) -> None:
     """Cut what a crashed or interrupted batch wrote past the last commit."""
     n = n_ids(f)
     for path in feature_paths:
         group = f[path]
         if group[REFS].shape[0] > n:
             group[REFS].resize(n, axis=0)
-        stop = committed_stop(read_refs(group, n))
+        stop = committed_stop(read_refs(group, n, allow_external))
         if group[VALUES].shape[0] > stop:
             group[VALUES].resize(stop, axis=0)
 
@@ -519,6 +574,7 @@ class Node:
     chunks: tuple[int, ...] | None = None
     compression: str | None = None
     nbytes_stored: int = 0
+    other_files: tuple[str, ...] = ()  # read from other files: see :func:`other_files`
 
 
 def read_layout(f: h5py.File) -> dict[str, Node]:
@@ -529,11 +585,14 @@ def read_layout(f: h5py.File) -> dict[str, Node]:
     listed once.
     """
     layout: dict[str, Node] = {}
+    own = own_files(f)
     for path, kind, obj in _walk(f):
         if kind == "group":
             layout[path] = Node("group")
+        elif kind == "feature":
+            layout[path] = _dataset_node(kind, own, obj[VALUES], obj[REFS])
         else:
-            layout[path] = _dataset_node(kind, obj[VALUES] if kind == "feature" else obj)
+            layout[path] = _dataset_node(kind, own, obj)
     return layout
 
 
@@ -569,5 +628,7 @@ def _walk(f: h5py.File) -> Iterator[tuple[str, str, Any]]:
                 stack.append((iter(list(child)), child, path + "/"))
 
 
-def _dataset_node(kind: str, ds: h5py.Dataset) -> Node:
-    return Node(kind, ds.shape, ds.dtype, ds.chunks, ds.compression, ds.id.get_storage_size())
+def _dataset_node(kind: str, own: frozenset[str], ds: h5py.Dataset, *more: h5py.Dataset) -> Node:
+    files = tuple(dict.fromkeys(n for d in (ds, *more) for n in other_files(d) if n not in own))
+    size = ds.id.get_storage_size()
+    return Node(kind, ds.shape, ds.dtype, ds.chunks, ds.compression, size, files)

@@ -182,14 +182,25 @@ class FileHandle:
     keep_open : bool
         Keep one handle open between calls (per process) instead of opening
         and closing the file around each call.
+    allow_external : bool
+        Let :meth:`reader` read datasets stored in other files
+        (see :func:`h5dask.format.check_local`).
     **h5_kwargs
         Passed to :class:`h5py.File` (``driver``, ``locking``, ...).
     """
 
-    def __init__(self, filename: str, mode: str, keep_open: bool = False, **h5_kwargs: Any):
+    def __init__(
+        self,
+        filename: str,
+        mode: str,
+        keep_open: bool = False,
+        allow_external: bool = False,
+        **h5_kwargs: Any,
+    ):
         self.filename = filename
         self.mode = mode
         self.keep_open = keep_open
+        self.allow_external = allow_external
         self.h5_kwargs = h5_kwargs
         self._file: h5py.File | None = None
         self._forks = forks()
@@ -251,7 +262,7 @@ class FileHandle:
         return kept[1]
 
     def _dataset(self, f: h5py.File, path: str) -> h5py.Dataset:
-        ds = f[path]
+        ds = fmt.check_local(f[path], self.allow_external)
         if "rdcc_nbytes" in self.h5_kwargs or ds.chunks is None or not fmt.is_filtered(ds):
             return ds
         name = ds.name

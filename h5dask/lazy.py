@@ -106,6 +106,9 @@ class StoredArray:
         Number of rows of the whole dataset when the snapshot was taken.
     offset : int
         First row of the view in the dataset.
+    allow_external : bool
+        Read the dataset even if its data is in other files (see
+        :func:`h5dask.format.check_local`); each task checks again.
     """
 
     filename: str
@@ -117,6 +120,7 @@ class StoredArray:
     rows: int
     offset: int = 0
     stored_dtype: np.dtype | None = field(default=None, compare=False)
+    allow_external: bool = False
 
     @property
     def ndim(self) -> int:
@@ -127,7 +131,7 @@ class StoredArray:
         return StoredArray(
             self.filename, self.h5_kwargs, self.path, self.feature,
             (stop - start, *self.shape[1:]), self.dtype, self.rows, self.offset + start,
-            self.stored_dtype,
+            self.stored_dtype, self.allow_external,
         )  # fmt: skip
 
     def __getitem__(self, item: Any) -> np.ndarray:
@@ -159,7 +163,7 @@ class StoredArray:
         if ds.shape[0] < self.rows:
             cause = f"it shrank from {self.rows} to {ds.shape[0]} rows"
             raise StaleFileError(self.filename, self.feature, cause)
-        return ds
+        return fmt.check_local(ds, self.allow_external)
 
     def __dask_tokenize__(self) -> tuple:
         return (type(self).__name__, self.filename, self.path, self.shape, str(self.dtype),
@@ -196,6 +200,7 @@ def stored_array(proxy: DatasetProxy) -> StoredArray:
         raise H5DaskError(f"feature {proxy.path!r} of {proxy.file.filename!r} holds no data yet")
     proxy.file.flush()
     node = proxy.file._layout()[proxy.path]
+    proxy.file._check_local(proxy.path)
     if proxy.has_refs:
         proxy.refs.array  # noqa: B018 - checks the ref table against values once
     elif not node.shape:
@@ -206,7 +211,7 @@ def stored_array(proxy: DatasetProxy) -> StoredArray:
     return StoredArray(
         os.path.abspath(proxy.file.filename), _kwargs_items(proxy.file._handle.h5_kwargs),
         proxy.values_path, proxy.path, tuple(node.shape), dtype, node.shape[0], 0,
-        np.dtype(node.dtype),
+        np.dtype(node.dtype), proxy.file.allow_external,
     )  # fmt: skip
 
 
@@ -351,12 +356,13 @@ def _read_partition(args: list[tuple[StoredArray, int, int]]) -> list[tuple[str,
 def _read_ids(f: h5py.File, array: StoredArray, lo: int, hi: int) -> list[tuple[str, np.ndarray]]:
     """The ``(id, array)`` pairs of positions ``[lo, hi)``, read in sorted merged runs."""
     ds = as_reader(array._checked(f))
-    refs = f[f"{array.feature}/{fmt.REFS}"]
-    if refs.shape[0] < hi or f[fmt.IDS].shape[0] < hi:
+    refs = fmt.check_local(f[f"{array.feature}/{fmt.REFS}"], array.allow_external)
+    id_table = fmt.check_local(f[fmt.IDS], array.allow_external)
+    if refs.shape[0] < hi or id_table.shape[0] < hi:
         raise StaleFileError(array.filename, array.feature, f"its ref table lost rows below {hi}")
     table = refs[lo:hi]
     keep = np.flatnonzero(table[:, 0] >= 0)
-    ids = f[fmt.IDS].asstr()[lo:hi]
+    ids = id_table.asstr()[lo:hi]
     return list(zip((ids[k] for k in keep), read_regions(ds, table[keep]), strict=True))
 
 
@@ -471,6 +477,7 @@ class _Source:
     feature: str
     n_ids: int
     locked: bool
+    allow_external: bool = False
 
     @contextmanager
     def open(self) -> Iterator[h5py.File]:
@@ -494,13 +501,15 @@ class _Source:
         with self.open() as f:
             index, table = self._tables(f)
             start, stop = table[index[id]]
-            return as_reader(f[f"{self.feature}/{fmt.VALUES}"])[start:stop]
+            values = fmt.check_local(f[f"{self.feature}/{fmt.VALUES}"], self.allow_external)
+            return as_reader(values)[start:stop]
 
     def _tables(self, f: h5py.File) -> tuple[IdIndex, np.ndarray]:
         if self not in _TABLES:
             _TABLES.clear()
-            ids = fmt.read_ids(f)[: self.n_ids]
-            _TABLES[self] = (IdIndex(ids), fmt.read_refs(f[self.feature], self.n_ids))
+            ids = fmt.read_ids(f, self.allow_external)[: self.n_ids]
+            refs = fmt.read_refs(f[self.feature], self.n_ids, self.allow_external)
+            _TABLES[self] = (IdIndex(ids), refs)
         return _TABLES[self]
 
 
@@ -560,7 +569,7 @@ def map_sources(
         file._handle.close()  # no handle of ours may block the writer or the workers
     source = _Source(
         os.path.abspath(source_file.filename), _kwargs_items(source_file._handle.h5_kwargs),
-        proxy.path, len(source_file.index), same,
+        proxy.path, len(source_file.index), same, source_file.allow_external,
     )  # fmt: skip
     schema = _nest({out: MappedFunction(f, source, out) for out, f in fdict.items()})
     todo = _todo(proxy, destination, list(fdict))
@@ -578,7 +587,7 @@ def _writer_file(destination: TypedFile) -> TypedFile:
     """A copy of ``destination`` whose writes take the exclusive file lock."""
     copy = _copy.copy(destination)
     old = destination._handle
-    copy._handle = _LockedHandle(old.filename, old.mode, False, **old.h5_kwargs)
+    copy._handle = _LockedHandle(old.filename, old.mode, False, old.allow_external, **old.h5_kwargs)
     return copy
 
 

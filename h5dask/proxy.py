@@ -266,6 +266,7 @@ class DatasetProxy(Proxy):
             return self.get(item)
         if not self.exists:
             raise IndexError(f"{self.path!r} holds no data yet")
+        self.file._check_local(self.path)
         return self._transformed(self.file._read(self.values_path, item))
 
     def _transformed(self, data: Any) -> Any:
@@ -277,6 +278,7 @@ class DatasetProxy(Proxy):
             self.set(item, value)
             return
         self.file._check_writable(f"feature {self.path!r}, item {item!r}")
+        self.file._check_local(self.path)
         self.file._write(self.values_path, item, value)
 
     def set(self, id: str, data: Any) -> None:

@@ -308,10 +308,13 @@ class _Reader:
     def __init__(self) -> None:
         self._handles: dict[str, FileHandle] = {}
 
-    def dataset(self, filename: str, path: str, h5_kwargs: dict[str, Any]) -> Any:
+    def dataset(
+        self, filename: str, path: str, h5_kwargs: dict[str, Any], allow_external: bool
+    ) -> Any:
         handle = self._handles.get(filename)
         if handle is None:
-            handle = self._handles[filename] = FileHandle(filename, "r", True, **h5_kwargs)
+            handle = FileHandle(filename, "r", True, allow_external, **h5_kwargs)
+            self._handles[filename] = handle
         return handle.reader(path)
 
     def close(self) -> None:
@@ -336,6 +339,8 @@ class _Leaf:
         proxy.file.flush()
         self.filename = proxy.file.filename
         self.h5_kwargs = proxy.file._handle.h5_kwargs
+        self.allow_external = proxy.file.allow_external
+        proxy.file._check_local(proxy.path)  # here, not in each worker
         self.path = proxy.values_path
         self.getter = item.getter
         self.regions = self._regions(proxy) if isinstance(item.getter, GetId) else None
@@ -356,7 +361,7 @@ class _Leaf:
         return np.ascontiguousarray(table[table[:, 0] >= 0])
 
     def get(self, reader: _Reader, i: int) -> Any:
-        ds = reader.dataset(self.filename, self.path, self.h5_kwargs)
+        ds = reader.dataset(self.filename, self.path, self.h5_kwargs, self.allow_external)
         start, stop = self.getter.span(i, self.regions)
         if not self.clips:
             return self._finish(ds[self.pre + (slice(start, stop),)])
@@ -364,7 +369,7 @@ class _Leaf:
         return self._finish(ds[self.pre + (slice(start + pad[0], stop - pad[1]),)], pad)
 
     def get_many(self, reader: _Reader, items: np.ndarray) -> list[Any]:
-        ds = reader.dataset(self.filename, self.path, self.h5_kwargs)
+        ds = reader.dataset(self.filename, self.path, self.h5_kwargs, self.allow_external)
         starts, stops = self.getter.spans(items, self.regions)
         if not self.clips:
             return [self._finish(data) for data in self._read_spans(ds, starts, stops)]

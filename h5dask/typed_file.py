@@ -44,6 +44,12 @@ class TypedFile:
         (dask workers, DataLoader workers) can open it.
     schema : dict of Feature, optional
         Features of an ad hoc file, instead of the class's attributes.
+    allow_external : bool
+        Read (and write) datasets whose data HDF5 keeps in other files: external
+        raw storage and virtual datasets. By default h5dask opens no file but this
+        one and refuses them with :class:`~h5dask.errors.ExternalFileError` (a
+        file from someone else could name any file, ``/etc/passwd`` too). External
+        and soft links are never followed either way.
     **h5_kwargs
         Passed to :class:`h5py.File` (``driver="core"``, ``locking=False``...).
 
@@ -75,6 +81,7 @@ class TypedFile:
         mode: str = "r",
         keep_open: bool = False,
         schema: Mapping[str, Feature] | None = None,
+        allow_external: bool = False,
         **h5_kwargs: Any,
     ):
         if mode not in MODES:
@@ -84,7 +91,7 @@ class TypedFile:
         if h5_kwargs.get("driver") == "core" and not h5_kwargs.get("backing_store", True):
             keep_open = True  # an in-memory file lives only as long as its handle
         self._handle = FileHandle(
-            self.filename, "r" if mode == "r" else "r+", keep_open, **h5_kwargs
+            self.filename, "r" if mode == "r" else "r+", keep_open, allow_external, **h5_kwargs
         )
         self._cache: dict[str, Any] = {}
         self._writer: Writer | None = None
@@ -111,6 +118,11 @@ class TypedFile:
     def mode(self) -> str:
         """``"r"`` for a read-only file, else ``"r+"``."""
         return self._handle.mode
+
+    @property
+    def allow_external(self) -> bool:
+        """Whether datasets stored in other files are read (see the class's parameters)."""
+        return self._handle.allow_external
 
     @property
     def keep_open(self) -> bool:
@@ -416,7 +428,7 @@ class TypedFile:
     def _committed_index(self) -> IdIndex:
         if "index" not in self._cache:
             with self._handle.open() as f:
-                index = IdIndex(fmt.read_ids(f))
+                index = IdIndex(fmt.read_ids(f, self.allow_external))
             _check_unique(index, self.filename)
             self._cache["index"] = index
         return self._cache["index"]
@@ -431,8 +443,16 @@ class TypedFile:
                 if node is None or node.kind != "feature":
                     self._cache[key] = np.full((n, 2), -1, dtype=np.int64)
                 else:
-                    self._cache[key] = fmt.read_refs(f[path], n)
+                    self._check_local(path)
+                    self._cache[key] = fmt.read_refs(f[path], n, self.allow_external)
         return self._cache[key]
+
+    def _check_local(self, path: str) -> None:
+        """Refuse the feature or dataset at ``path`` if HDF5 reads its data from other files
+        (:class:`~h5dask.errors.ExternalFileError`), unless ``allow_external``."""
+        node = self._layout().get(path)
+        if node is not None and not self.allow_external:
+            fmt.refuse_other_files(self.filename, path, node.other_files)
 
     def _invalidate(self) -> None:
         self._cache.clear()
@@ -568,7 +588,7 @@ class TypedFile:
         """Failures recorded by ``create(..., on_error="skip")``, oldest first."""
         self._commit()
         with self._handle.open() as f:
-            return read_failures(f)
+            return read_failures(f, self.allow_external)
 
 
 def _flat_arrays(data: Any) -> dict[str, np.ndarray] | None:

@@ -371,6 +371,7 @@ class Writer:
     def _spec_in_file(self, id: str, path: str) -> Spec | None:
         layout = self.file._committed_layout()
         node = layout.get(path)
+        self.file._check_local(path)  # appending there would write into other files
         if node is not None and node.kind == "feature":
             return Spec(
                 node.dtype, node.shape[1:], self.file._ds_kwargs(path).get("dtype") is not None
@@ -418,7 +419,7 @@ class Writer:
             fmt.init_root(f)
         features = fmt.feature_paths(f)
         if not self._trimmed:
-            fmt.trim_uncommitted(f, features)
+            fmt.trim_uncommitted(f, features, self.file.allow_external)
             self._trimmed = True
         n = fmt.n_ids(f)
         ids = list(chain.from_iterable(b.ids for b in blocks))
