@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 from .errors import H5DaskError, SchemaError
 from .extract import flatten, load_schema
 from .feature import Feature
+from .spawning import main_not_reimported
 from .throttle import Throttle
 from .writer import concat_rows, row_counts
 
@@ -760,7 +761,8 @@ def _local_pool(kind: str, n_workers: int) -> Iterator[Callable]:
         pool = ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context(method))
         submit = _cloudpickling(pool)
     try:
-        yield submit
+        with main_not_reimported():  # the pool starts its processes on the first submits
+            yield submit
     finally:
         if throttle is not None:
             throttle.close()
@@ -830,6 +832,7 @@ def _embedded_cluster(n_workers: int) -> Iterator[Any]:
     config["distributed.worker.multiprocessing-method"] = _worker_start_method()
     with (
         dask.config.set(config),
+        main_not_reimported(),
         distributed.LocalCluster(
             n_workers=n_workers,
             threads_per_worker=1,

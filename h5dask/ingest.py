@@ -16,6 +16,7 @@ from .extract import may_load
 from .failures import Failure, read_failures, record_failures
 from .feature import Feature
 from .sources import expand_sources
+from .spawning import refuse_reimported_main
 from .typed_file import TypedFile, _check_schema
 from .writer import Writer
 
@@ -40,6 +41,7 @@ def create(
     **h5_kwargs: Any,
 ) -> TypedFile:
     """Build a typed file from sources; see :meth:`TypedFile.create`."""
+    refuse_reimported_main(f"{cls.__name__}.create({os.fspath(filename)!r})")
     schema = _resolve_schema(cls, schema)
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, not {on_error!r}")

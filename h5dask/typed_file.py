@@ -143,7 +143,7 @@ class TypedFile:
         """
         self.flush()
         if self.keep_open:
-            return self._handle._cached(write=(mode or "r") != "r")
+            return self._handle._cached(write=(mode or self.mode) != "r")
         return open_h5(self.filename, mode or self.mode, **self._handle.h5_kwargs)
 
     def flush(self) -> None:
