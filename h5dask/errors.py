@@ -20,6 +20,7 @@ __all__ = [
     "ExternalFileError",
     "SourceError",
     "DiskFullError",
+    "CommitError",
     "StaleFileError",
 ]
 
@@ -104,6 +105,41 @@ class SourceError(H5DaskError, OSError):
 
 class DiskFullError(H5DaskError, OSError):
     """Not enough free disk space to commit the next batch; nothing of it was written."""
+
+
+class CommitError(H5DaskError, OSError):
+    """A batch of sources could not be committed; the file holds every commit before it.
+
+    Parameters
+    ----------
+    filename : str
+        The file written to.
+    sources : list of str
+        The ids of the batch, none of which is committed.
+    cause : str
+        What went wrong, in words; the original exception is chained as ``__cause__``.
+    """
+
+    def __init__(self, filename: str, sources: list[str], cause: str):
+        self.filename = filename
+        self.sources = list(sources)
+        self.cause = cause
+        which = (
+            repr(self.sources[0])
+            if len(self.sources) == 1
+            else (f"{self.sources[0]!r} to {self.sources[-1]!r}")
+        )
+        super().__init__(
+            f"file {filename!r}: could not commit {len(self.sources)} sources ({which}): {cause}. "
+            "The file holds every source committed before them; add them again, or resume "
+            "with create(..., mode='a')"
+        )
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+    def __reduce__(self):
+        return type(self), (self.filename, self.sources, self.cause)
 
 
 class StaleFileError(H5DaskError):

@@ -11,7 +11,7 @@ import h5py
 
 from . import format as fmt
 from .engine import Packed, check_scheduler, run_loads
-from .errors import H5DaskError, SchemaError, SourceError
+from .errors import ConcatError, SchemaError, SourceError
 from .extract import may_load
 from .failures import Failure, read_failures, record_failures
 from .feature import Feature
@@ -177,7 +177,7 @@ def _write_packed(writer: Writer, packed: Packed, on_error: str, failures: list[
         try:
             writer.append_block(packed.ids, packed.values, packed.rows)
             return
-        except H5DaskError:
+        except ConcatError:  # a result does not fit: a commit's failure is never caught here
             pass  # find, in id order, which ids fail and why
     for id, result in packed:
         if isinstance(result, Exception):
@@ -185,7 +185,7 @@ def _write_packed(writer: Writer, packed: Packed, on_error: str, failures: list[
             continue
         try:
             writer.append(id, result, flat=True, owned=True)
-        except H5DaskError as exc:
+        except ConcatError as exc:
             _fail(exc, id, on_error, failures)
 
 

@@ -263,8 +263,9 @@ def journaled(filename: str, **h5_kwargs: Any) -> Iterator[tuple[h5py.File, Jour
     Yields the open file and its journaled file object.
 
     An unfinished commit left by a dead writer is undone first (:func:`repair`).
-    If the body raises, the file is closed and the commit kept: h5dask's own
-    commit point (the id table) decides what counts, as without a journal.
+    If the body or closing the file raises (a full disk, a write the file system
+    refuses), the commit is undone from the journal as a dead writer's would be:
+    the file is as it was before it, whatever HDF5 managed to write.
     """
     repair(filename)
     kwargs = {k: v for k, v in h5_kwargs.items() if k not in ("driver", "locking")}
@@ -280,6 +281,19 @@ def journaled(filename: str, **h5_kwargs: Any) -> Iterator[tuple[h5py.File, Jour
         raise
     try:
         yield f, raw
-    finally:
         f.close()
-        raw.close()
+    except BaseException:
+        _undo(f, raw, filename)
+        raise
+    raw.close()
+
+
+def _undo(f: h5py.File, raw: JournaledFile, filename: str) -> None:
+    """Restore the file from the journal of a commit that failed part of the way."""
+    try:
+        f.close()
+    except Exception:  # noqa: S110 - what HDF5 could not write is undone below
+        pass
+    finally:
+        raw.abandon()
+        repair(filename)

@@ -27,7 +27,7 @@ import numpy as np
 from numpy import ndarray  # a global name: add's fast path checks every array against it
 
 from . import format as fmt
-from .errors import ConcatError, DiskFullError
+from .errors import CommitError, ConcatError, DiskFullError
 from .extract import flatten
 from .handle import forks
 from .index import IdIndex, utf8_keys
@@ -338,7 +338,17 @@ class Writer:
             self.flush()
 
     def flush(self) -> None:
-        """Write and commit every buffered result."""
+        """Write and commit every buffered result.
+
+        Raises
+        ------
+        DiskFullError
+            The disk has no room for the batch; nothing of it was written.
+        CommitError
+            Writing the batch failed (the file system refused a write, another
+            process kept the file open): the journal undid it, so the file holds
+            every commit before it; the error names the file, the batch and the cause.
+        """
         if not self.pending:  # nothing, or a run whose first add failed
             return
         blocks = _as_blocks(self._pending)
@@ -348,9 +358,13 @@ class Writer:
         try:
             with self.file._handle.open(write=True) as f:
                 commit = self._write(f, blocks)
-        except BaseException:
+        except BaseException as exc:
             self._specs.clear()  # a feature's first write may not have happened
+            self._trimmed = False
             self.file._invalidate()
+            if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, DiskFullError):
+                ids = list(chain.from_iterable(b.ids for b in blocks))
+                raise CommitError(self.file.filename, ids, _cause(exc)) from exc
             raise
         self.file._committed(commit)
 
@@ -567,6 +581,11 @@ def row_counts(arrays: list[np.ndarray | None]) -> np.ndarray:
     if all(a is not None for a in arrays):
         return np.fromiter(map(len, arrays), np.int64, len(arrays))  # type: ignore[arg-type]
     return np.array([-1 if a is None else len(a) for a in arrays], dtype=np.int64)
+
+
+def _cause(exc: BaseException) -> str:
+    """What a failed commit's exception says, for :class:`CommitError`."""
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _to_str(value: Any) -> Any:
