@@ -22,6 +22,7 @@ from functools import reduce
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.dtypes import StringDType
 
 from .handle import FileHandle
 from .proxy import DatasetProxy
@@ -58,7 +59,10 @@ def require_torch() -> Any:
 
 @dataclass(frozen=True)
 class Getter:
-    """Item ``i`` is row ``i`` of the feature's concatenation (``proxy[i]``).
+    """Item ``k`` of an id is row ``k`` of its array (of a plain dataset: of the dataset).
+
+    A getter counts the items of each region (an id's array, or a whole plain
+    dataset) and says which steps along :attr:`dim` each item spans.
 
     Examples
     --------
@@ -68,17 +72,15 @@ class Getter:
 
     dim = 0
 
-    def n_items(self, shape: tuple[int, ...], regions: np.ndarray | None) -> int:
-        """Number of items over a dataset of ``shape``."""
-        return shape[0]
+    def n_items(self, extent: Any) -> Any:
+        """Items of regions of ``extent`` steps along :attr:`dim`; None for one a region
+        whatever other getters count (the whole region, repeated)."""
+        return extent
 
-    def spans(self, items: np.ndarray, regions: np.ndarray | None) -> tuple[np.ndarray, ...]:
-        """``[start, stop)`` along :attr:`dim` of each item."""
-        return items, items + 1
-
-    def span(self, i: int, regions: np.ndarray | None) -> tuple[int, int]:
-        """``[start, stop)`` of one item (the scalar :meth:`spans`)."""
-        return i, i + 1
+    def spans(self, k: Any, extent: Any) -> tuple[Any, Any]:
+        """``[start, stop)`` along :attr:`dim` of item ``k`` of a region of ``extent``
+        steps, relative to the region (ints or arrays alike)."""
+        return k, k + 1
 
     def finish(self, data: np.ndarray, pad: tuple[int, int] = (0, 0)) -> np.ndarray:
         """Shape the region read for one item; ``pad`` steps fell off the data's edges."""
@@ -87,7 +89,7 @@ class Getter:
 
 @dataclass(frozen=True)
 class GetId(Getter):
-    """Item ``i`` is the array of the ``i``-th id that has data for the feature.
+    """Item ``i`` is the whole array of the ``i``-th id served.
 
     Examples
     --------
@@ -95,16 +97,11 @@ class GetId(Getter):
     >>> item = h5m.Input(key="data/images", getter=h5m.GetId())
     """
 
-    def n_items(self, shape: tuple[int, ...], regions: np.ndarray | None) -> int:
-        return len(regions)
+    def n_items(self, extent: Any) -> Any:
+        return None
 
-    def spans(self, items: np.ndarray, regions: np.ndarray | None) -> tuple[np.ndarray, ...]:
-        rows = regions[items]
-        return rows[:, 0], rows[:, 1]
-
-    def span(self, i: int, regions: np.ndarray | None) -> tuple[int, int]:
-        start, stop = regions[i].tolist()
-        return start, stop
+    def spans(self, k: Any, extent: Any) -> tuple[Any, Any]:
+        return k * 0, extent
 
     def finish(self, data: np.ndarray, pad: tuple[int, int] = (0, 0)) -> np.ndarray:
         return data
@@ -112,11 +109,12 @@ class GetId(Getter):
 
 @dataclass(frozen=True)
 class AsSlice(Getter):
-    """Item ``i`` is a window of ``length`` steps along ``dim`` of the concatenation.
+    """Item ``k`` of an id is a window of ``length`` steps along ``dim`` of its array.
 
-    The window of item ``i`` starts at ``i * downsampling + shift``; the items
-    are every window that fits. Two items with the same ``length`` and shifts
-    ``0`` and ``1`` give next-step prediction pairs.
+    The window of item ``k`` starts at ``k * downsampling + shift``; the items
+    are every window that fits in the array, so a window never spans two ids
+    (of a plain dataset: every window that fits in the dataset). Two items with
+    the same ``length`` and shifts ``0`` and ``1`` give next-step prediction pairs.
 
     Parameters
     ----------
@@ -157,20 +155,13 @@ class AsSlice(Getter):
         """Steps read before and after every window (they may fall off the data)."""
         return 0, 0
 
-    def n_items(self, shape: tuple[int, ...], regions: np.ndarray | None) -> int:
-        if self.dim >= len(shape):
-            raise ValueError(f"{type(self).__name__}: dim={self.dim} but the data is {shape}")
+    def n_items(self, extent: Any) -> Any:
         offset, width = self.window()
-        return max(0, (shape[self.dim] - offset - width) // self.downsampling + 1)
+        return np.maximum(0, (extent - offset - width) // self.downsampling + 1)
 
-    def spans(self, items: np.ndarray, regions: np.ndarray | None) -> tuple[np.ndarray, ...]:
+    def spans(self, k: Any, extent: Any) -> tuple[Any, Any]:
         (offset, width), (before, after) = self.window(), self.margins()
-        starts = items * self.downsampling + offset
-        return starts - before, starts + width + after
-
-    def span(self, i: int, regions: np.ndarray | None) -> tuple[int, int]:
-        (offset, width), (before, after) = self.window(), self.margins()
-        start = i * self.downsampling + offset
+        start = k * self.downsampling + offset
         return start - before, start + width + after
 
     def finish(self, data: np.ndarray, pad: tuple[int, int] = (0, 0)) -> np.ndarray:
@@ -179,13 +170,14 @@ class AsSlice(Getter):
 
 @dataclass(frozen=True)
 class AsFramedSlice(AsSlice):
-    """Item ``i`` is ``length`` frames of ``frame_size`` steps, ``hop_length`` apart.
+    """Item ``k`` of an id is ``length`` frames of ``frame_size`` steps, ``hop_length`` apart.
 
-    The frames of item ``i`` start at step ``i * downsampling + shift * hop_length``
-    and the items are every window that fits. With ``center``, the frames'
-    centres are there instead (frame ``k`` spans ``[c - frame_size // 2,
-    c - frame_size // 2 + frame_size)``), items run while the last centre is in
-    the data, and steps before or after the data are padded with ``pad_mode``
+    The frames of item ``k`` start at step ``k * downsampling + shift * hop_length``
+    of the id's array and the items are every window that fits in it. With
+    ``center``, the frames' centres are there instead (frame ``j`` spans
+    ``[c - frame_size // 2, c - frame_size // 2 + frame_size)``), items run while
+    the last centre is in the array, and steps before or after the array (never
+    another id's) are padded with ``pad_mode``
     as :func:`numpy.pad` does, like ``librosa.stft(center=True)``. The frame
     axis replaces ``dim`` and a last axis of ``frame_size`` is added.
 
@@ -329,13 +321,17 @@ class _Reader:
 
 
 class _Leaf:
-    """An item bound to its file: the dataset to read and the getter's tables."""
+    """An item bound to its file: the dataset to read and its regions, one per id served."""
 
     def __init__(self, item: Input, file: TypedFile | None):
-        proxy = _proxy(item, file)
+        proxy = self.proxy = _proxy(item, file)
         self.name = f"{type(item).__name__}({proxy.path!r}, {type(item.getter).__name__})"
         if not proxy.exists:
             raise ValueError(f"{self.name}: {proxy.file.filename!r} holds no data for it")
+        if isinstance(item.getter, GetId) and not proxy.has_refs:
+            raise ValueError(f"{self.name}: {proxy.path!r} is a plain dataset with no ids")
+        if item.getter.dim >= len(proxy.shape):
+            raise ValueError(f"{self.name}: dim={item.getter.dim} but the data is {proxy.shape}")
         proxy.file.flush()
         self.filename = proxy.file.filename
         self.h5_kwargs = proxy.file._handle.h5_kwargs
@@ -343,37 +339,48 @@ class _Leaf:
         proxy.file._check_local(proxy.path)  # here, not in each worker
         self.path = proxy.values_path
         self.getter = item.getter
-        self.regions = self._regions(proxy) if isinstance(item.getter, GetId) else None
-        self.length = item.getter.n_items(proxy.shape, self.regions)
-        self.pre = (slice(None),) * item.getter.dim
-        self.extent = proxy.shape[item.getter.dim]
+        self.dim = item.getter.dim
         self.clips = isinstance(item.getter, AsSlice) and item.getter.margins() != (0, 0)
-        self.row_bytes = max(1, int(np.prod(_without(proxy.shape, item.getter.dim))))
-        self.row_bytes *= proxy.dtype.itemsize
+        self.row_bytes = max(1, int(np.prod(proxy.shape[1:]))) * proxy.dtype.itemsize
         self.post = tuple(getattr(proxy.feature, "__t__", ()))
         self.transform = item.transform
         self.to_tensor = item.to_tensor
+        self.regions = np.array([[0, proxy.shape[0]]], dtype=np.int64)  # see serve_regions
 
-    def _regions(self, proxy: DatasetProxy) -> np.ndarray:
-        if not proxy.has_refs:
-            raise ValueError(f"{self.name}: {proxy.path!r} is a plain dataset with no ids")
-        table = proxy.refs.array
-        return np.ascontiguousarray(table[table[:, 0] >= 0])
+    def serve_regions(self, regions: np.ndarray) -> np.ndarray | None:
+        """Read the ``[start, stop)`` rows ``regions`` (one per id served); return how
+        many items each holds (None: one, whatever the others count)."""
+        self.regions = regions
+        self.extent = self.proxy.shape[self.dim] if self.dim else None
+        return self.getter.n_items(self._extent(regions[:, 0], regions[:, 1]))
 
-    def get(self, reader: _Reader, i: int) -> Any:
+    def _extent(self, lo: Any, hi: Any) -> Any:
+        return hi - lo if self.extent is None else self.extent
+
+    def get(self, reader: _Reader, j: int, k: int) -> Any:
+        """Item ``k`` of the ``j``-th region."""
         ds = reader.dataset(self.filename, self.path, self.h5_kwargs, self.allow_external)
-        start, stop = self.getter.span(i, self.regions)
-        if not self.clips:
-            return self._finish(ds[self.pre + (slice(start, stop),)])
-        pad = (max(0, -start), max(0, stop - self.extent))
-        return self._finish(ds[self.pre + (slice(start + pad[0], stop - pad[1]),)], pad)
+        lo, hi = self.regions[j].tolist()
+        extent = self._extent(lo, hi)
+        start, stop = self.getter.spans(k, extent)
+        pad = (max(0, -start), max(0, stop - extent)) if self.clips else (0, 0)
+        start, stop = start + pad[0], stop - pad[1]
+        if self.dim == 0:
+            return self._finish(ds[lo + start : lo + stop], pad)
+        window = (slice(None),) * (self.dim - 1) + (slice(start, stop),)
+        return self._finish(ds[(slice(lo, hi), *window)], pad)
 
-    def get_many(self, reader: _Reader, items: np.ndarray) -> list[Any]:
+    def get_many(self, reader: _Reader, js: np.ndarray, ks: np.ndarray) -> list[Any]:
+        """Items ``ks`` of the regions ``js``, read sorted and coalesced along axis 0."""
+        if self.dim:
+            return [self.get(reader, j, k) for j, k in zip(js.tolist(), ks.tolist(), strict=True)]
         ds = reader.dataset(self.filename, self.path, self.h5_kwargs, self.allow_external)
-        starts, stops = self.getter.spans(items, self.regions)
+        lo, hi = self.regions[js, 0], self.regions[js, 1]
+        starts, stops = self.getter.spans(ks, hi - lo)
+        starts, stops = lo + starts, lo + stops
         if not self.clips:
             return [self._finish(data) for data in self._read_spans(ds, starts, stops)]
-        before, after = np.maximum(0, -starts), np.maximum(0, stops - self.extent)
+        before, after = np.maximum(0, lo - starts), np.maximum(0, stops - hi)
         blocks = self._read_spans(ds, starts + before, stops - after)
         pads = zip(before.tolist(), after.tolist(), strict=True)
         return [self._finish(data, pad) for data, pad in zip(blocks, pads, strict=True)]
@@ -388,7 +395,7 @@ class _Leaf:
         firsts = np.flatnonzero(new)
         block_of = np.cumsum(new) - 1
         bounds = zip(s[firsts].tolist(), np.maximum.reduceat(e, firsts).tolist(), strict=True)
-        blocks = [ds[self.pre + (slice(a, b),)] for a, b in bounds]
+        blocks = [ds[a:b] for a, b in bounds]
         shared = np.bincount(block_of) > 1
         base = s[firsts].tolist()
         out: list[Any] = [None] * len(s)
@@ -397,7 +404,7 @@ class _Leaf:
         ):
             data = blocks[j]
             if shared[j]:
-                data = data[self.pre + (slice(a - base[j], b - base[j]),)].copy()
+                data = data[a - base[j] : b - base[j]].copy()
             out[k] = data
         return out
 
@@ -472,16 +479,109 @@ def _rebuild(template: Any, values: Sequence[Any]) -> Any:
     return template
 
 
+# -- pairing by id -----------------------------------------------------------------------------
+
+
+def _pair_by_id(leaves: list[_Leaf], ids: Any) -> tuple[np.ndarray | None, list[np.ndarray]]:
+    """The ids to serve and each leaf's ``[start, stop)`` rows of them, in that order."""
+    plain = [leaf for leaf in leaves if not leaf.proxy.has_refs]
+    if plain:
+        if len(plain) < len(leaves):
+            other = next(leaf for leaf in leaves if leaf.proxy.has_refs)
+            raise ValueError(
+                f"{plain[0].name}: a plain dataset has no ids to pair its items with those "
+                f"of {other.name}; serve plain datasets alone (they pair by position)"
+            )
+        if ids is not None:
+            raise ValueError(f"{plain[0].name}: ids= needs features; this is a plain dataset")
+        return None, [leaf.regions for leaf in leaves]
+    if isinstance(ids, str) and ids != SHARED:
+        raise ValueError(f"ids= takes a sequence of ids or {SHARED!r}, not {ids!r}")
+    if ids is None or ids == SHARED:
+        return _ids_of_features(leaves, ids == SHARED)
+    served = np.asarray(list(ids), dtype=StringDType())
+    if not len(served):
+        raise ValueError("ids=[]: no id to serve")
+    return served, [_regions_of(leaf, served, "asked for") for leaf in leaves]
+
+
+def _ids_of_features(leaves: list[_Leaf], shared: bool) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Every feature's ids (which must be the same), or those they all hold."""
+    first = leaves[0].proxy.file
+    masks = [_presence(leaf, first) for leaf in leaves]
+    at = np.flatnonzero((np.logical_and if shared else np.logical_or).reduce(masks))
+    served = first.index.ids[at]
+    if shared and not len(served):
+        raise ValueError(f"ids='shared': the features {_names(leaves)} share no id")
+    which = "" if shared else "the batch's features hold"
+    regions = []
+    for leaf in leaves:
+        same = leaf.proxy.file.filename == first.filename
+        regions.append(_regions_of(leaf, served, which, at if same else None, hint=not shared))
+        extra = int((leaf.proxy.refs.array[:, 0] >= 0).sum()) - len(served)
+        if not shared and extra > 0:  # ids of another file that the first one lacks
+            raise ValueError(
+                f"{leaf.name} of {leaf.filename!r} has data for {extra} ids that "
+                f"{first.filename!r} does not hold: items pair by id; pass ids=[...] to "
+                "choose the ids to serve"
+            )
+    return served, regions
+
+
+def _presence(leaf: _Leaf, file: TypedFile) -> np.ndarray:
+    """Whether ``leaf`` has data for each id of ``file``."""
+    table = leaf.proxy.refs.array
+    if leaf.proxy.file.filename == file.filename:
+        return table[:, 0] >= 0
+    at = leaf.proxy.file.index.positions(file.index.ids)
+    return (at >= 0) & (table[at, 0] >= 0)
+
+
+def _regions_of(
+    leaf: _Leaf, ids: np.ndarray, which: str, at: np.ndarray | None = None, hint: bool = False
+) -> np.ndarray:
+    """The rows of each of ``ids`` (at positions ``at`` of its file) in ``leaf``'s feature;
+    an error naming the ids it lacks."""
+    table = leaf.proxy.refs.array
+    at = leaf.proxy.file.index.positions(ids) if at is None else at
+    lacking = (at < 0) | (table[at, 0] < 0)
+    if lacking.any():
+        some = ", ".join(repr(str(id)) for id in ids[lacking][:3])
+        more = "; pass ids='shared' to serve the ids every feature has, or ids=[...]" * hint
+        raise ValueError(
+            f"{leaf.name} of {leaf.filename!r} has no data for {int(lacking.sum())} of the "
+            f"{len(ids)} ids {which} (e.g. {some}): items pair by id{more}"
+        )
+    return np.ascontiguousarray(table[at])
+
+
+def _names(leaves: list[_Leaf]) -> str:
+    return ", ".join(leaf.name for leaf in leaves)
+
+
 # -- the dataset -------------------------------------------------------------------------------
 
 
-class ProgrammableDataset:
-    """A map-style dataset whose samples have the shape of ``batch``.
+SHARED = "shared"
 
-    Sample ``i`` is ``batch`` with each :class:`Input` / :class:`Target`
-    replaced by its item ``i``; the length is the smallest of the items'
-    lengths. It pickles without any open file, so DataLoader workers (fork,
-    spawn or forkserver) each open their own read-only handle.
+
+class ProgrammableDataset:
+    """A map-style dataset whose samples have the shape of ``batch``, paired by id.
+
+    Every item of a sample comes from the same source id: each item reads the
+    region of that id in its feature, never the i-th region of its own. By
+    default every feature of the batch must hold data for the same ids, and a
+    batch whose features cover different ids is a ``ValueError`` naming the
+    feature that lacks ids, how many and which; ``ids="shared"`` serves the ids
+    every feature holds, ``ids=[...]`` the ids given, in that order.
+
+    Each id gives as many samples as its fewest items: one for :class:`GetId`
+    alone, every window that fits in the id's array for :class:`AsSlice` (an id
+    shorter than a window gives none), every row for :class:`Getter`; a
+    :class:`GetId` item beside windows repeats the id's whole array. Plain
+    datasets of foreign files (no ids) are served alone, by position.
+    It pickles without any open file, so DataLoader workers (fork, spawn or
+    forkserver) each open their own read-only handle.
 
     Parameters
     ----------
@@ -489,27 +589,54 @@ class ProgrammableDataset:
         The file that ``key=`` paths name (None if every key is a proxy).
     batch : dict, tuple, list or Input
         Any nesting of them, with Input/Target leaves.
+    ids : sequence of str or "shared", optional
+        The ids to serve (each must have data in every feature), or
+        ``"shared"``: those every feature has. Default: every feature's ids,
+        which must be the same.
+
+    Attributes
+    ----------
+    ids : numpy.ndarray or None
+        The ids served, in order (None for plain datasets).
+
+    Raises
+    ------
+    ValueError
+        Features that cover different ids (with ``ids`` unset), an id given
+        that a feature has no data for, or a plain dataset beside features.
 
     Examples
     --------
     >>> import os, tempfile, numpy as np, h5dask as h5m
     >>> class Logs(h5m.TypedFile):
     ...     loss = h5m.Array()
+    ...     step = h5m.Array()
     >>> logs = Logs(os.path.join(tempfile.mkdtemp(), "logs.h5"), mode="w")
     >>> _ = logs.add("a", {"loss": np.arange(3.0)}).add("b", {"loss": np.arange(2.0)})
+    >>> _ = logs.add("b", {"step": np.array([7])})
     >>> ds = h5m.serve.ProgrammableDataset(logs, {"x": h5m.Input("loss", h5m.GetId())})
     >>> len(ds), ds[1]
     (2, {'x': array([0., 1.])})
+    >>> batch = {"x": h5m.Input("loss", h5m.GetId()), "y": h5m.Target("step", h5m.GetId())}
+    >>> ds = h5m.serve.ProgrammableDataset(logs, batch, ids="shared")
+    >>> ds.ids.tolist(), ds[0]
+    (['b'], {'x': array([0., 1.]), 'y': array([7])})
     """
 
-    def __init__(self, file: TypedFile | None, batch: Any):
+    def __init__(self, file: TypedFile | None, batch: Any, ids: Sequence[str] | str | None = None):
         items: list[Input] = []
         self.file = file
         self.template = _flatten(batch, items)
         if not items:
             raise ValueError("the batch holds no Input or Target item")
         self.leaves = [_Leaf(item, file) for item in items]
-        self.length = min(leaf.length for leaf in self.leaves)
+        self.ids, regions = _pair_by_id(self.leaves, ids)
+        counts = [leaf.serve_regions(r) for leaf, r in zip(self.leaves, regions, strict=True)]
+        counted = [np.broadcast_to(c, len(regions[0])) for c in counts if c is not None]
+        per_region = np.minimum.reduce(counted) if counted else np.ones(len(regions[0]), int)
+        self._starts = np.concatenate([[0], np.cumsum(per_region)]).astype(np.int64)
+        self._one_each = bool((per_region == 1).all())  # item i is region i's
+        self.length = int(self._starts[-1])
         self._reader = _Reader()
 
     def __len__(self) -> int:
@@ -517,7 +644,8 @@ class ProgrammableDataset:
 
     def __getitem__(self, i: int) -> Any:
         i = self._check(i)
-        return _rebuild(self.template, [leaf.get(self._reader, i) for leaf in self.leaves])
+        j, k = (i, 0) if self._one_each else self._locate(i)
+        return _rebuild(self.template, [leaf.get(self._reader, j, k) for leaf in self.leaves])
 
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:
         """Many samples at once, reading each item's regions sorted and coalesced."""
@@ -525,8 +653,14 @@ class ProgrammableDataset:
         if len(items) and (items.min() < -self.length or items.max() >= self.length):
             raise IndexError(f"indices out of range for a dataset of {self.length} items")
         items = np.where(items < 0, items + self.length, items)
-        columns = [leaf.get_many(self._reader, items) for leaf in self.leaves]
+        js, ks = (items, items * 0) if self._one_each else self._locate(items)
+        columns = [leaf.get_many(self._reader, js, ks) for leaf in self.leaves]
         return [_rebuild(self.template, values) for values in zip(*columns, strict=True)]
+
+    def _locate(self, items: Any) -> tuple[Any, Any]:
+        """The region and the item within it of each sample index."""
+        js = np.searchsorted(self._starts, items, side="right") - 1
+        return js, items - self._starts[js]
 
     def _check(self, i: int) -> int:
         if not -self.length <= i < self.length:
@@ -542,8 +676,12 @@ class ProgrammableDataset:
         return f"<ProgrammableDataset of {self.length} items: {names}>"
 
 
-def serve(file: TypedFile | None, batch: Any, **loader_kwargs: Any) -> Any:
+def serve(
+    file: TypedFile | None, batch: Any, ids: Sequence[str] | str | None = None, **loader_kwargs: Any
+) -> Any:
     """A :class:`torch.utils.data.DataLoader` of batches shaped like ``batch``.
+
+    The items of a sample come from one source id (see :class:`ProgrammableDataset`).
 
     Parameters
     ----------
@@ -551,6 +689,9 @@ def serve(file: TypedFile | None, batch: Any, **loader_kwargs: Any) -> Any:
         The file that ``key=`` paths name.
     batch : dict, tuple, list or Input
         Any nesting of them, with :class:`Input` / :class:`Target` leaves.
+    ids : sequence of str or "shared", optional
+        The ids to serve, or ``"shared"``: those every feature of the batch
+        holds. Default: every feature's ids, which must be the same.
     **loader_kwargs
         Passed to the DataLoader (``batch_size``, ``shuffle``, ``num_workers``,
         ``multiprocessing_context``...).
@@ -559,6 +700,9 @@ def serve(file: TypedFile | None, batch: Any, **loader_kwargs: Any) -> Any:
     ------
     ImportError
         torch is not installed (``pip install h5dask[torch]``).
+    ValueError
+        The features cover different ids and ``ids`` is unset, or a feature
+        has no data for an id of ``ids``; the message names them.
 
     Examples
     --------
@@ -567,4 +711,4 @@ def serve(file: TypedFile | None, batch: Any, **loader_kwargs: Any) -> Any:
     ...                    batch_size=32, shuffle=True, num_workers=2)  # doctest: +SKIP
     """
     torch = require_torch()
-    return torch.utils.data.DataLoader(ProgrammableDataset(file, batch), **loader_kwargs)
+    return torch.utils.data.DataLoader(ProgrammableDataset(file, batch, ids), **loader_kwargs)

@@ -369,8 +369,9 @@ class TypedFile:
         """The root group's attributes, decoded."""
         return self._attrs("")
 
-    def serve(self, batch: Any, **loader_kwargs: Any) -> Any:
-        """A torch ``DataLoader`` of batches shaped like ``batch``; see :func:`h5dask.serve.serve`.
+    def serve(self, batch: Any, ids: Any = None, **loader_kwargs: Any) -> Any:
+        """A torch ``DataLoader`` of batches shaped like ``batch``, its items paired by id
+        (``ids``: the ids to serve, or ``"shared"``); see :func:`h5dask.serve.serve`.
 
         Examples
         --------
@@ -380,7 +381,7 @@ class TypedFile:
         """
         from .serve import serve
 
-        return serve(self, batch, **loader_kwargs)
+        return serve(self, batch, ids, **loader_kwargs)
 
     # -- internals used by proxies and the writer -----------------------------------------------
 

@@ -67,20 +67,25 @@ GETTERS = {
 
 
 def direct(path: str, key: str, getter: h5m.Getter) -> list[np.ndarray]:
-    """Every item of ``getter``, read with plain h5py and numpy."""
+    """Every item of ``getter``, id by id, read with plain h5py and numpy."""
     with h5py.File(path, "r") as f:
         values, refs = f[key]["values"][()], f[key]["refs"][()]
+    return [item for a, b in refs[refs[:, 0] >= 0] for item in items_of(values[a:b], getter)]
+
+
+def items_of(array: np.ndarray, getter: h5m.Getter) -> list[np.ndarray]:
+    """The items of ``getter`` in one id's array, with numpy."""
     if type(getter) is h5m.Getter:
-        return list(values)
+        return list(array)
     if type(getter) is h5m.GetId:
-        return [values[a:b] for a, b in refs[refs[:, 0] >= 0]]
+        return [array]
     if type(getter) is h5m.AsSlice:
-        starts = range(getter.shift, len(values) - getter.length + 1, getter.downsampling)
-        return [values[s : s + getter.length] for s in starts]
+        starts = range(getter.shift, len(array) - getter.length + 1, getter.downsampling)
+        return [array[s : s + getter.length] for s in starts]
     fs, hop = getter.frame_size, getter.hop_length
-    padded = np.pad(values, fs // 2, mode="reflect")
+    padded = np.pad(array, fs // 2, mode="reflect")
     span = (getter.length - 1) * hop
-    starts = range(getter.shift * hop, len(values) - span, getter.downsampling)
+    starts = range(getter.shift * hop, len(array) - span, getter.downsampling)
     return [np.stack([padded[c : c + fs] for c in range(s, s + span + 1, hop)]) for s in starts]
 
 
@@ -125,37 +130,138 @@ def test_getters_in_fork_workers(path, name, shuffle):
     check_epoch(list(loader), expected, shuffle)
 
 
-def test_nested_batch_in_spawn_workers(path):
-    """Every getter in one nested batch, shuffled, in spawn workers; items stay paired."""
+class Paired(h5m.TypedFile):
+    x = h5m.Array()
+    y = h5m.Array()
+    w = h5m.Array()
+
+
+N_PAIRED = 30
+
+
+def has_x(k: int) -> bool:
+    return k % 5 != 3
+
+
+def has_w(k: int) -> bool:
+    return k % 4 != 1
+
+
+def w_of(k: int) -> np.ndarray:
+    return k * 1000 + np.arange(20 + k % 7, dtype="f8")
+
+
+@pytest.fixture(scope="module")
+def paired(tmp_path_factory) -> str:
+    """Features covering different ids, each value encoding its id: x (4, 3) rows of
+    k * 100 + ..., y the label k, w a signal of k * 1000 + step, 20 to 26 steps."""
+    path = str(tmp_path_factory.mktemp("paired") / "paired.h5")
+    with Paired(path, mode="w") as f:
+        for k in range(N_PAIRED):
+            data = {"y": np.array([k])}
+            if has_x(k):
+                data["x"] = x_of(k)
+            if has_w(k):
+                data["w"] = w_of(k)
+            f.add(str(k), data)
+    return path
+
+
+def loader_of(file, batch, workers, context="fork", **kwargs):
+    return file.serve(
+        batch,
+        batch_size=7,
+        num_workers=workers,
+        multiprocessing_context=context if workers else None,
+        **kwargs,
+    )
+
+
+def test_features_covering_different_ids_are_an_error_naming_them(paired):
+    f = Paired(paired)
+    batch = {"x": h5m.Input("x", h5m.GetId()), "y": h5m.Target("y", h5m.GetId())}
+    with pytest.raises(ValueError, match=r"Input\('x', GetId\) of .*paired.h5' has no data "
+                       r"for 6 of the 30 ids .*\(e.g. '3', '8', '13'\).*ids='shared'"):  # fmt: skip
+        f.serve(batch)
+    with pytest.raises(ValueError, match=r"Target\('y', GetId\).* no data for 1 of the 2 ids "
+                       r"asked for \(e.g. 'nope'\)"):  # fmt: skip
+        f.serve({"y": h5m.Target("y", h5m.GetId())}, ids=["0", "nope"])
+    with pytest.raises(ValueError, match="takes a sequence of ids or 'shared'"):
+        f.serve(batch, ids="0")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_get_id_items_pair_by_id(paired, workers):
+    """x and y of every sample come from one id: x encodes it, y is its label."""
+    f = Paired(paired)
+    batch = {"x": h5m.Input("x", h5m.GetId()), "y": h5m.Target("y", h5m.GetId())}
+    shared = [str(k) for k in range(N_PAIRED) if has_x(k)]
+    chosen = ["29", "0", "17", "4"]  # in this order, not the file's
+    for ids, want in [("shared", shared), (chosen, chosen)]:
+        loader = loader_of(f, batch, workers, ids=ids, shuffle=ids == "shared")
+        assert loader.dataset.ids.tolist() == want
+        batches = list(loader)
+        xs = np.concatenate([b["x"].numpy() for b in batches])
+        ys = np.concatenate([b["y"].numpy() for b in batches]).ravel()
+        assert np.array_equal(xs[:, 0, 0] // 100, ys)  # paired in every sample
+        assert sorted(ys.tolist()) == sorted(int(k) for k in want)
+        if ids is chosen:
+            assert ys.tolist() == [29, 0, 17, 4]
+            assert np.array_equal(xs, np.stack([x_of(k) for k in ys]))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_windows_stay_in_their_id_and_pair_by_id(paired, workers):
+    """Every getter in one nested batch, shuffled: the windows of w, the rows of x, the
+    whole x and the label y of each sample all come from one id, window k of row k."""
+    slices = h5m.AsSlice(length=5, downsampling=3)
+    frames = h5m.AsFramedSlice(length=3, frame_size=4, hop_length=2, center=True, downsampling=4)
     batch = {
         "x": h5m.Input(key="x", getter=h5m.GetId(), to_tensor=True),
         "pair": (h5m.Target(key="y", getter=h5m.GetId()), h5m.Input(key="x")),
-        "sig": [
-            h5m.Input(key=k, getter=g) for k, g in (GETTERS["AsSlice"], GETTERS["AsFramedSlice"])
-        ],
+        "sig": [h5m.Input("w", slices), h5m.Target("w", frames)],
         "tag": "constant",
     }
-    f = Data(path)
-    loader = f.serve(
-        batch, batch_size=8, shuffle=True, num_workers=2, multiprocessing_context="spawn"
-    )
-    n_x = len(f.x.ids)
-    assert len(loader.dataset) == n_x  # the smallest of the items' lengths
+    f = Paired(paired)
+    # spawn: the workers inherit nothing of this process
+    loader = loader_of(f, batch, workers, "spawn", ids="shared", shuffle=True)
     batches = list(loader)
-    assert batches[0]["tag"] == ["constant"] * 8
-    ids_x = np.concatenate([b["x"][:, 0, 0].numpy() // 100 for b in batches]).astype(int)
-    expected_y = np.arange(N_IDS)  # every id has y: y's i-th id is id i
-    x_ids = np.array([int(k) for k in f.x.ids])
-    positions = np.searchsorted(x_ids, ids_x)
-    labels = np.concatenate([b["pair"][0].numpy().ravel() for b in batches])
-    assert sorted(positions.tolist()) == list(range(n_x))
-    assert np.array_equal(labels, expected_y[positions])  # x and y read the same item index
-    rows = np.concatenate([b["pair"][1].numpy() for b in batches])
-    assert np.array_equal(rows, np.stack(direct(path, "x", h5m.Getter()))[positions])
-    for j, name in enumerate(["AsSlice", "AsFramedSlice"]):
-        got = np.concatenate([b["sig"][j].numpy() for b in batches])
-        want = np.stack(direct(path, *GETTERS[name]))[positions]
-        assert np.array_equal(got, want)
+    assert batches[0]["tag"] == ["constant"] * 7
+    got = {}
+    for b in batches:
+        for j, label in enumerate(b["pair"][0].numpy().ravel().tolist()):
+            row = b["pair"][1][j].numpy()
+            k = int(row[0] - label * 100) // 3  # the row of x: the item within the id
+            values = (b["x"][j].numpy(), row, b["sig"][0][j].numpy(), b["sig"][1][j].numpy())
+            assert (label, k) not in got
+            got[label, k] = values
+    want = {}
+    for label in range(N_PAIRED):
+        if not (has_x(label) and has_w(label)):
+            continue
+        x, w = x_of(label), w_of(label)
+        columns = [items_of(x, h5m.Getter()), items_of(w, slices), items_of(w, frames)]
+        for k in range(min(map(len, columns))):  # each id: as many items as its fewest
+            want[label, k] = (x, *(column[k] for column in columns))
+    assert sorted(got) == sorted(want) and len(loader.dataset) == len(want)
+    for key, values in want.items():
+        for a, b in zip(got[key], values, strict=True):
+            assert np.array_equal(a, b)
+            assert (b // 1000 == key[0]).all() or (b // 100 == key[0]).all()  # from its id
+
+
+def test_plain_datasets_pair_by_position_alone(tmp_path):
+    path = tmp_path / "plain.h5"
+    with h5py.File(path, "w") as h:
+        h["a"], h["b"] = np.arange(10), np.arange(10) * 2
+        h.create_group("feat")
+    with Paired(path, mode="r+") as f:
+        f.add("0", {"y": np.array([5])})
+    f = Paired(path)
+    ds = ProgrammableDataset(f, (h5m.Input("a"), h5m.Target("b")))
+    assert ds.ids is None and [tuple(ds[i]) for i in (0, 9)] == [(0, 0), (9, 18)]
+    with pytest.raises(ValueError, match=r"Input\('a', Getter\): a plain dataset has no ids"):
+        ProgrammableDataset(f, (h5m.Input("a"), h5m.Target("y", h5m.GetId())))
 
 
 @pytest.mark.parametrize("context", ["fork", "spawn"])
