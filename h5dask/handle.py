@@ -303,6 +303,11 @@ class FileHandle:
         return f
 
     @property
+    def kept(self) -> h5py.File | None:
+        """This process's kept file, if one is open."""
+        return self._live()
+
+    @property
     def writable(self) -> bool:
         """Whether this process's kept file is open for writing."""
         f = self._live()

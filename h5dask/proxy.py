@@ -9,9 +9,10 @@ concatenation) and a :class:`GroupProxy` for a group (read it by id).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from functools import reduce
+from functools import partial, reduce
 from typing import TYPE_CHECKING, Any
 
+import h5py
 import numpy as np
 
 from . import format as fmt
@@ -33,10 +34,42 @@ class Proxy:
     a feature's custom methods (``plot``, ``decode``...) are reachable here.
     """
 
+    is_group = False
+
     def __init__(self, file: TypedFile, path: str, feature: Feature | None = None):
         self.file = file
         self.path = path
         self.feature = feature
+
+    @property
+    def owner(self) -> TypedFile:
+        """The file this proxy belongs to (h5mapper's name for :attr:`file`)."""
+        return self.file
+
+    def handle(self, mode: str | None = None) -> h5py.File:
+        """The file's open :class:`h5py.File`; see :meth:`TypedFile.handle`."""
+        return self.file.handle(mode)
+
+    @property
+    def h5_(self) -> h5py.Group | h5py.Dataset:
+        """The h5py object behind this proxy: its group, or the dataset of a feature's values.
+
+        Opened through :meth:`handle`: with ``keep_open`` the kept file, else a
+        new handle that stays open as long as the object lives.
+        """
+        return self.handle()[getattr(self, "values_path", self.path) or "/"]
+
+    def flush(self) -> None:
+        """Commit the file's buffered writes; see :meth:`TypedFile.flush`."""
+        self.file.flush()
+
+    def close(self) -> None:
+        """Close the file's kept handle; see :meth:`TypedFile.close`."""
+        self.file.close()
+
+    def serve(self, batch: Any, **loader_kwargs: Any) -> Any:
+        """A DataLoader over the file; see :meth:`TypedFile.serve`."""
+        return self.file.serve(batch, **loader_kwargs)
 
     @property
     def name(self) -> str:
@@ -89,6 +122,31 @@ class GroupProxy(Proxy):
     ``file.logs.get("train")`` and ``file.logs["train"]`` return a dict of the
     members that hold data for ``"train"``; ``file.logs.loss`` is a member.
     """
+
+    is_group = True
+
+    @property
+    def sources(self) -> np.ndarray:
+        """The ids that hold data in any member, in file order."""
+        ids = self.file.index.ids
+        has = np.zeros(len(ids), dtype=bool)
+        for child in self.children.values():
+            if isinstance(child, GroupProxy):
+                has |= np.isin(ids, child.sources)
+            elif child.has_refs and child.exists:
+                has |= child.refs.array[:, 0] >= 0
+        return ids[has]
+
+    def iset(self, id: str, idx: Any, data: dict[str, Any]) -> None:
+        """:meth:`DatasetProxy.iset` on each member named by ``data``."""
+        if not isinstance(data, dict):
+            raise TypeError(
+                f"iset() on group {self.path!r} takes a dict, not {type(data).__name__}"
+            )
+        for name, value in data.items():
+            if name not in self.keys():
+                raise KeyError(f"group {self.path!r} has no member {name!r}")
+            self.file.get_proxy(self._child(name)).iset(id, idx, value)
 
     @property
     def children(self) -> dict[str, Proxy]:
@@ -244,6 +302,77 @@ class DatasetProxy(Proxy):
         table = self.refs.array
         return self.file.index.ids[table[:, 0] >= 0]
 
+    @property
+    def sources(self) -> np.ndarray:
+        """h5mapper's name for :attr:`ids`."""
+        return self.ids
+
+    def asstr(self) -> DatasetProxy:
+        """This proxy: reads of a string feature give ``str`` already (h5py's ``asstr()``).
+
+        Raises
+        ------
+        TypeError
+            The feature does not hold strings.
+        """
+        if self.dtype is None or not fmt.is_string_dtype(self.dtype):
+            raise TypeError(f"{self.path!r} holds {self.dtype}, not strings: asstr() reads strings")
+        return self
+
+    def iset(self, id: str | int, idx: Any, data: Any) -> None:
+        """Write ``data`` at ``idx`` (an int, a slice or indices) within the region of ``id``.
+
+        ``proxy.iset("train", 7, loss)`` writes row 7 of ``"train"``'s array in
+        place, as ``proxy[proxy.refs["train"]][7] = loss`` would if it wrote
+        through; the region neither grows nor moves.
+
+        Raises
+        ------
+        UnknownIdError
+            The file holds no such id.
+        IndexError
+            ``id`` has no data for this feature, or ``idx`` falls outside its region.
+        """
+        id = self._check_id(id)
+        region = self.refs[id]
+        if region is None:
+            raise IndexError(f"id {id!r} has no data in feature {self.path!r} to set rows of")
+        n = region.stop - region.start
+        if isinstance(idx, (int, np.integer)) and not isinstance(idx, bool):
+            if not -n <= idx < n:
+                raise IndexError(f"row {idx} is outside the {n} rows of {id!r} in {self.path!r}")
+            rows: Any = region.start + int(idx) % n
+        elif isinstance(idx, slice):
+            span = range(n)[idx]
+            rows = slice(region.start + span.start, region.start + span.stop, span.step)
+        else:
+            rows = np.arange(region.start, region.stop)[idx]  # IndexError outside the region
+        self[rows] = data
+
+    def compute(
+        self,
+        fdict: dict[str, Any],
+        n_workers: int | None = None,
+        parallelism: str = "mp",
+        destination: TypedFile | None = None,
+    ) -> dict[str, dict[str, Any]] | TypedFile:
+        """h5mapper's ``compute``: each function of ``fdict`` on the array of every id.
+
+        Without ``destination``, the results in memory, ``{id: {name: result}}``;
+        with one, they are stored there by id (as :meth:`map` does) and it is
+        returned. ``parallelism`` is ``"mp"``, ``"threads"`` or ``"none"``.
+        """
+        from .compat import apply_and_store, for_each
+        from .ingest import PARALLELISM
+
+        if parallelism not in ("mp", "threads", "none"):
+            raise ValueError(f"parallelism must be 'mp', 'threads' or 'none', not {parallelism!r}")
+        if destination is not None:
+            return self.map(fdict, destination, n_workers, scheduler=PARALLELISM[parallelism])
+        apply = partial(apply_and_store, fdict=fdict, proxy=self)
+        ids = [str(id) for id in self.ids]
+        return dict(for_each(ids, apply, parallelism, n_workers, disable=True))
+
     def get(self, id: str | int) -> Any:
         """The array of ``id``, or None where it has no data for this feature.
 
@@ -385,8 +514,11 @@ class RefTable:
     """The ids' regions in a feature's concatenation.
 
     ``refs[i]`` is ``slice(start, stop)`` for the i-th id, or None where that
-    id has no data; a str indexes by id; ``refs.array`` (or ``np.asarray``) is
-    the raw ``(n_ids, 2)`` int64 table, ``-1`` rows marking absence.
+    id has no data; a str indexes by id; any other item (``refs[2:5]``,
+    ``refs[()]``, a mask) gives a 1-D object array of such slices and Nones, so
+    ``refs[()].astype(bool)`` marks the ids with data, as in h5mapper.
+    ``refs.array`` (or ``np.asarray``) is the raw ``(n_ids, 2)`` int64 table,
+    ``-1`` rows marking absence.
     """
 
     def __init__(self, proxy: DatasetProxy):
@@ -408,7 +540,14 @@ class RefTable:
         if isinstance(item, (int, np.integer)):
             start, stop = self.array[item].tolist()
             return None if start < 0 else slice(start, stop)
-        return self.array[item]
+        rows = self.array if isinstance(item, tuple) and not item else self.array[item]
+        if rows.ndim != 2:
+            raise IndexError(
+                f"refs[{item!r}]: index the ids (axis 0) only; refs.array is the table"
+            )
+        out = np.empty(len(rows), dtype=object)
+        out[:] = [None if a < 0 else slice(a, b) for a, b in rows.tolist()]
+        return out
 
     def __iter__(self) -> Iterator[slice | None]:
         for start, stop in self.array.tolist():

@@ -16,6 +16,7 @@ until :func:`serve` or ``to_tensor=True`` needs it.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import reduce
@@ -255,6 +256,8 @@ class Input:
         Turn each item's array into a :class:`torch.Tensor` in the worker.
     data : str or DatasetProxy, optional
         h5mapper's name for ``key``.
+    setter : Setter, optional
+        h5mapper's writer of values into the item's feature (:class:`~h5dask.Setter`).
 
     Examples
     --------
@@ -268,6 +271,7 @@ class Input:
     transform: Callable[[Any], Any] | None = None
     to_tensor: bool = False
     data: str | DatasetProxy | None = field(default=None, kw_only=True, repr=False)
+    setter: Any = field(default=None, kw_only=True, repr=False)
 
     def __post_init__(self) -> None:
         if self.key is None:
@@ -357,12 +361,15 @@ class _Leaf:
     def _extent(self, lo: Any, hi: Any) -> Any:
         return hi - lo if self.extent is None else self.extent
 
-    def get(self, reader: _Reader, j: int, k: int) -> Any:
-        """Item ``k`` of the ``j``-th region."""
+    def get(self, reader: _Reader, j: int, k: int, jitter: int = 0) -> Any:
+        """Item ``k`` of the ``j``-th region (its window moved by ``jitter`` steps)."""
         ds = reader.dataset(self.filename, self.path, self.h5_kwargs, self.allow_external)
         lo, hi = self.regions[j].tolist()
         extent = self._extent(lo, hi)
         start, stop = self.getter.spans(k, extent)
+        if jitter:
+            shift = int(self._shift(start, stop, extent, jitter))
+            start, stop = start + shift, stop + shift
         pad = (max(0, -start), max(0, stop - extent)) if self.clips else (0, 0)
         start, stop = start + pad[0], stop - pad[1]
         if self.dim == 0:
@@ -370,13 +377,20 @@ class _Leaf:
         window = (slice(None),) * (self.dim - 1) + (slice(start, stop),)
         return self._finish(ds[(slice(lo, hi), *window)], pad)
 
-    def get_many(self, reader: _Reader, js: np.ndarray, ks: np.ndarray) -> list[Any]:
+    def get_many(
+        self, reader: _Reader, js: np.ndarray, ks: np.ndarray, jitter: np.ndarray | None = None
+    ) -> list[Any]:
         """Items ``ks`` of the regions ``js``, read sorted and coalesced along axis 0."""
         if self.dim:
-            return [self.get(reader, j, k) for j, k in zip(js.tolist(), ks.tolist(), strict=True)]
+            moves = [0] * len(js) if jitter is None else jitter.tolist()
+            triples = zip(js.tolist(), ks.tolist(), moves, strict=True)
+            return [self.get(reader, j, k, m) for j, k, m in triples]
         ds = reader.dataset(self.filename, self.path, self.h5_kwargs, self.allow_external)
         lo, hi = self.regions[js, 0], self.regions[js, 1]
         starts, stops = self.getter.spans(ks, hi - lo)
+        if jitter is not None:
+            shifts = self._shift(starts, stops, hi - lo, jitter)
+            starts, stops = starts + shifts, stops + shifts
         starts, stops = lo + starts, lo + stops
         if not self.clips:
             return [self._finish(data) for data in self._read_spans(ds, starts, stops)]
@@ -384,6 +398,14 @@ class _Leaf:
         blocks = self._read_spans(ds, starts + before, stops - after)
         pads = zip(before.tolist(), after.tolist(), strict=True)
         return [self._finish(data, pad) for data, pad in zip(blocks, pads, strict=True)]
+
+    def _shift(self, start: Any, stop: Any, extent: Any, jitter: Any) -> Any:
+        """h5mapper's ``sampling_jitter``: an :class:`AsSlice` window moves by ``jitter``
+        steps, clipped so that its data stays within ``[0, extent)``; other items stay."""
+        if not isinstance(self.getter, AsSlice):
+            return 0 * jitter
+        before, after = self.getter.margins()
+        return np.clip(jitter, -(start + before), extent - (stop - after))
 
     def _read_spans(self, ds: Any, starts: np.ndarray, stops: np.ndarray) -> list[np.ndarray]:
         """Read sorted, coalesced blocks; each item is a copy cut from its block."""
@@ -593,6 +615,10 @@ class ProgrammableDataset:
         The ids to serve (each must have data in every feature), or
         ``"shared"``: those every feature has. Default: every feature's ids,
         which must be the same.
+    sampling_jitter : int
+        Move the window of each :class:`AsSlice` item of a sample by one random
+        number of steps in ``[-sampling_jitter, sampling_jitter)``, kept within
+        its region (h5mapper's option).
 
     Attributes
     ----------
@@ -623,7 +649,16 @@ class ProgrammableDataset:
     (['b'], {'x': array([0., 1.]), 'y': array([7])})
     """
 
-    def __init__(self, file: TypedFile | None, batch: Any, ids: Sequence[str] | str | None = None):
+    def __init__(
+        self,
+        file: TypedFile | None,
+        batch: Any,
+        ids: Sequence[str] | str | None = None,
+        sampling_jitter: int = 0,
+    ):
+        if sampling_jitter < 0:
+            raise ValueError(f"sampling_jitter must be >= 0, not {sampling_jitter}")
+        self.jitter = int(sampling_jitter)
         items: list[Input] = []
         self.file = file
         self.template = _flatten(batch, items)
@@ -645,7 +680,10 @@ class ProgrammableDataset:
     def __getitem__(self, i: int) -> Any:
         i = self._check(i)
         j, k = (i, 0) if self._one_each else self._locate(i)
-        return _rebuild(self.template, [leaf.get(self._reader, j, k) for leaf in self.leaves])
+        jitter = random.randrange(-self.jitter, self.jitter) if self.jitter else 0
+        return _rebuild(
+            self.template, [leaf.get(self._reader, j, k, jitter) for leaf in self.leaves]
+        )
 
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:
         """Many samples at once, reading each item's regions sorted and coalesced."""
@@ -654,7 +692,10 @@ class ProgrammableDataset:
             raise IndexError(f"indices out of range for a dataset of {self.length} items")
         items = np.where(items < 0, items + self.length, items)
         js, ks = (items, items * 0) if self._one_each else self._locate(items)
-        columns = [leaf.get_many(self._reader, js, ks) for leaf in self.leaves]
+        jitter = None
+        if self.jitter:  # Python's random: DataLoader seeds it in each worker, numpy's not
+            jitter = np.array([random.randrange(-self.jitter, self.jitter) for _ in items])
+        columns = [leaf.get_many(self._reader, js, ks, jitter) for leaf in self.leaves]
         return [_rebuild(self.template, values) for values in zip(*columns, strict=True)]
 
     def _locate(self, items: Any) -> tuple[Any, Any]:
@@ -677,7 +718,11 @@ class ProgrammableDataset:
 
 
 def serve(
-    file: TypedFile | None, batch: Any, ids: Sequence[str] | str | None = None, **loader_kwargs: Any
+    file: TypedFile | None,
+    batch: Any,
+    ids: Sequence[str] | str | None = None,
+    sampling_jitter: int = 0,
+    **loader_kwargs: Any,
 ) -> Any:
     """A :class:`torch.utils.data.DataLoader` of batches shaped like ``batch``.
 
@@ -692,6 +737,8 @@ def serve(
     ids : sequence of str or "shared", optional
         The ids to serve, or ``"shared"``: those every feature of the batch
         holds. Default: every feature's ids, which must be the same.
+    sampling_jitter : int
+        See :class:`ProgrammableDataset`.
     **loader_kwargs
         Passed to the DataLoader (``batch_size``, ``shuffle``, ``num_workers``,
         ``multiprocessing_context``...).
@@ -711,4 +758,5 @@ def serve(
     ...                    batch_size=32, shuffle=True, num_workers=2)  # doctest: +SKIP
     """
     torch = require_torch()
-    return torch.utils.data.DataLoader(ProgrammableDataset(file, batch, ids), **loader_kwargs)
+    dataset = ProgrammableDataset(file, batch, ids, sampling_jitter)
+    return torch.utils.data.DataLoader(dataset, **loader_kwargs)

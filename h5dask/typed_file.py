@@ -146,6 +146,32 @@ class TypedFile:
             return self._handle._cached(write=(mode or self.mode) != "r")
         return open_h5(self.filename, mode or self.mode, **self._handle.h5_kwargs)
 
+    @property
+    def f_(self) -> h5py.File | None:
+        """The HDF5 handle this process keeps open (``keep_open``), or None (h5mapper's name)."""
+        return self._handle.kept
+
+    def open(self, mode: str = "r") -> TypedFile:
+        """Read (``"r"``) or read and write (``"r+"``, ``"a"``, ``"w"``) from now on; returns self.
+
+        The kept handle, if any, is closed when the mode changes. Unlike
+        h5mapper's, ``"w"`` never truncates: that is ``TypedFile(path, "w")``.
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        mode = "r" if mode == "r" else "r+"
+        if mode != self._handle.mode:
+            self.close()
+            self._handle.mode = mode
+        return self
+
+    @property
+    def __src__(self) -> Any:
+        """The id table as h5mapper exposes it: ``file.__src__.id`` is every id, in file order."""
+        from .compat import SourceTable
+
+        return SourceTable(self)
+
     def flush(self) -> None:
         """Commit every buffered ``add`` to the file."""
         self._commit()
@@ -369,9 +395,14 @@ class TypedFile:
         """The root group's attributes, decoded."""
         return self._attrs("")
 
-    def serve(self, batch: Any, ids: Any = None, **loader_kwargs: Any) -> Any:
+    def serve(
+        self, batch: Any, sampling_jitter: int = 0, ids: Any = None, **loader_kwargs: Any
+    ) -> Any:
         """A torch ``DataLoader`` of batches shaped like ``batch``, its items paired by id
         (``ids``: the ids to serve, or ``"shared"``); see :func:`h5dask.serve.serve`.
+        ``sampling_jitter`` moves each window of an :class:`~h5dask.AsSlice` item
+        by a random number of steps in ``[-sampling_jitter, sampling_jitter)``
+        (h5mapper's second argument).
 
         Examples
         --------
@@ -381,7 +412,7 @@ class TypedFile:
         """
         from .serve import serve
 
-        return serve(self, batch, ids, **loader_kwargs)
+        return serve(self, batch, ids, sampling_jitter, **loader_kwargs)
 
     # -- internals used by proxies and the writer -----------------------------------------------
 
