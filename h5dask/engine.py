@@ -23,6 +23,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import deque
@@ -308,13 +309,16 @@ class Partitions:
     A partition has at most ``most`` ids; once :meth:`observe` has seen results,
     fewer when sources are large, so that the partitions in flight weigh about
     the same however many sources there are, and fewer when loads are slow, so
-    that the progress bar moves and the workers finish together.
+    that the progress bar moves, the workers finish together and results reach
+    the writer, which commits them, every few seconds at most. Until then, the
+    partitions double from one id up to ``first``: a partition of slow sources
+    sized blind holds back the commits of every partition after it.
 
     Examples
     --------
     >>> parts = Partitions([str(i) for i in range(100)], most=40)
     >>> [len(p) for p in parts]
-    [32, 32, 32, 4]
+    [1, 2, 4, 8, 16, 32, 32, 5]
     """
 
     def __init__(
@@ -337,11 +341,12 @@ class Partitions:
 
     def __iter__(self) -> Iterator[range]:
         """Positions of the ids of each partition, sized when it is asked for."""
-        start = 0
+        start, ramp = 0, 1
         while start < len(self.ids):
-            stop = min(start + self.size, len(self.ids))
+            size = self.size if self._ids_seen else min(self.size, ramp)
+            stop = min(start + size, len(self.ids))
             yield range(start, stop)
-            start = stop
+            start, ramp = stop, 2 * ramp
 
     def observe(self, packed: Packed) -> None:
         """Size the next partitions from the bytes and seconds per source seen so far."""
@@ -369,6 +374,8 @@ def run_loads(
     scheduler: Any = None,
     progress: bool = True,
     desc: str = "create",
+    idle: Callable[[], None] = lambda: None,
+    idle_seconds: float | None = None,
 ) -> Iterator[Packed]:
     """Yield the :class:`Packed` results of consecutive partitions of ``ids``, in order.
 
@@ -388,6 +395,11 @@ def run_loads(
         Show a progress bar (a widget in Jupyter).
     desc : str
         What the progress bar says is running.
+    idle : callable
+        Called before waiting for each result, and every ``idle_seconds``
+        while waiting (the writer commits what it buffered when it is due).
+    idle_seconds : float, optional
+        Default: ``idle`` is called only before each wait.
     """
     if not ids:
         return
@@ -405,12 +417,13 @@ def run_loads(
             _spill_folder(local, window * MIN_SPILL_PARTITION) as spill,
             tqdm(total=len(ids), disable=not progress, unit="src", desc=name) as bar,
         ):
-            head = yield from _while_starting(starting, parts, todo, schema, spill, bar)
+            waiting = functools.partial(_wait_for, idle=idle, seconds=idle_seconds)
+            head = yield from _while_starting(starting, parts, todo, schema, spill, bar, waiting)
             where = starting.result()
             bar.set_description(f"{desc} ({where.name})")
             parts.aim(most, *_targets(where, spill, window))
             calls = _calls(where, ids, todo, schema, spill)
-            for packed in _in_order(where.submit, calls, window, head):
+            for packed in _in_order(where.submit, calls, window, head, waiting):
                 parts.observe(packed)
                 yield packed.unspill()
                 bar.update(len(packed.ids))
@@ -456,6 +469,7 @@ def _while_starting(
     schema: dict[str, Feature],
     spill: str | None,
     bar: tqdm,
+    waiting: Callable[[list], None] = lambda futures: wait(futures, return_when=FIRST_COMPLETED),
 ) -> Generator[Packed, None, Future | None]:
     """Load partitions in a thread of this process while the embedded cluster starts.
 
@@ -465,7 +479,8 @@ def _while_starting(
     the cluster gets the rest soon after it is up. Large results go through
     ``spill`` as the workers' do: a mapped file leaves no hole in this
     process's heap once written (in the heap they left 6 MiB more resident
-    for the rest of a build of 200,000 sources).
+    for the rest of a build of 200,000 sources). ``waiting(futures)`` returns once one
+    of them is done (see :func:`_wait_for`).
     """
     lane = ThreadPoolExecutor(1, thread_name_prefix="h5dask-load")
 
@@ -479,7 +494,7 @@ def _while_starting(
     try:
         loading = load_next()
         while loading is not None:
-            wait([loading, starting], return_when=FIRST_COMPLETED)
+            waiting([loading, starting])
             if not loading.done():
                 return loading  # handed over, perhaps not begun yet: it must not be cancelled
             packed = loading.result()
@@ -534,11 +549,32 @@ def _spill_folder(local: bool, needed: int) -> Iterator[str | None]:
         yield d
 
 
+def _wait_for(
+    futures: list, idle: Callable[[], None] = lambda: None, seconds: float | None = None
+) -> None:
+    """Return once one of ``futures`` is done, calling ``idle()`` before waiting and every
+    ``seconds`` while waiting (a sync task is done at once: it runs when its result is
+    asked for)."""
+    idle()
+    done = threading.Event()
+    for future in futures:
+        if isinstance(future, _Done) or future.done():
+            return
+        future.add_done_callback(lambda _: done.set())
+    while not done.wait(seconds):
+        idle()
+
+
 def _in_order(
-    submit: Callable, calls: Iterable[tuple], window: int, head: Any = None
+    submit: Callable,
+    calls: Iterable[tuple],
+    window: int,
+    head: Any = None,
+    waiting: Callable[[list], None] = _wait_for,
 ) -> Iterator[Packed]:
     """The results of ``calls`` (``(fn, *args)`` tuples) in order, at most ``window`` in
-    flight, after that of ``head``, a future already running, if given."""
+    flight, after that of ``head``, a future already running, if given; ``waiting([f])``
+    returns once ``f`` is done (see :func:`_wait_for`)."""
     queue: deque = deque([] if head is None else [head])
     todo = iter(calls)
     try:
@@ -547,6 +583,7 @@ def _in_order(
             if len(queue) >= window:
                 break
         while queue:
+            waiting([queue[0]])
             packed = queue.popleft().result()
             call = next(todo, None)
             if call is not None:

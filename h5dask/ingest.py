@@ -23,6 +23,7 @@ from .writer import Writer
 __all__ = ["create"]
 
 ON_ERROR = ("raise", "skip")
+COMMIT_SECONDS = 2.0  # of loading that a killed build can lose, by default
 PARALLELISM = {"mp": "processes", "threads": "threads", "none": "sync", "future": "threads"}
 
 
@@ -38,11 +39,13 @@ def create(
     on_error: str = "raise",
     progress: bool = True,
     parallelism: str | None = None,
+    commit_seconds: float | None = COMMIT_SECONDS,
     **h5_kwargs: Any,
 ) -> TypedFile:
     """Build a typed file from sources; see :meth:`TypedFile.create`."""
     refuse_reimported_main(f"{cls.__name__}.create({os.fspath(filename)!r})")
     schema = _resolve_schema(cls, schema)
+    _check_seconds("commit_seconds", commit_seconds)
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, not {on_error!r}")
     if mode not in ("w", "a", "r+", "w-", "x"):
@@ -58,7 +61,10 @@ def create(
     with file._handle.open(write=True) as f:
         file._init_schema(f)
         _forget_failures(f, todo)
-    _ingest(file, todo, schema, n_workers, scheduler, on_error, progress, new_ids=True)
+    _ingest(
+        file, todo, schema, n_workers, scheduler, on_error, progress, new_ids=True,
+        commit_seconds=commit_seconds,
+    )  # fmt: skip
     _after_create(file, schema)
     file.keep_open = keep_open
     return file
@@ -89,6 +95,11 @@ def _patterns(schema: Mapping[str, Feature], prefix: str = "") -> list[tuple[str
         elif feature.loads and feature.derived_from is None:
             out.append((prefix + name, feature))
     return out
+
+
+def _check_seconds(name: str, seconds: float | None) -> None:
+    if seconds is not None and not (isinstance(seconds, (int, float)) and seconds > 0):
+        raise ValueError(f"{name} must be a number of seconds > 0 or None, not {seconds!r}")
 
 
 def _not_committed(file: TypedFile, ids: list[str]) -> list[str]:
@@ -152,16 +163,20 @@ def _ingest(
     progress: bool,
     new_ids: bool = False,
     desc: str = "create",
+    commit_seconds: float | None = COMMIT_SECONDS,
 ) -> None:
     """Load ``ids`` with ``schema`` and write the results to ``file`` in id order.
 
     ``new_ids`` promises that no id is in the file yet (see :class:`Writer`).
+    The writer commits per 16 MiB of results and, while results come, at least
+    every ``commit_seconds`` (None: only per 16 MiB and at the end).
     """
-    writer = Writer(file, flush_seconds=None, new_ids=new_ids)
+    writer = Writer(file, flush_seconds=commit_seconds, new_ids=new_ids)
     failures: list[Failure] = []
+    tick = None if commit_seconds is None else commit_seconds / 4
+    loads = run_loads(ids, schema, n_workers, scheduler, progress, desc, writer.flush_if_due, tick)
     try:
-        # closing: the scheduler stops now, not when the generator is collected
-        with closing(run_loads(ids, schema, n_workers, scheduler, progress, desc)) as batches:
+        with closing(loads) as batches:  # the scheduler stops now, not when collected
             for packed in batches:
                 _write_packed(writer, packed, on_error, failures)
     finally:

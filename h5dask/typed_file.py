@@ -318,6 +318,7 @@ class TypedFile:
         keep_open: bool = False,
         on_error: str = "raise",
         progress: bool = True,
+        commit_seconds: float | None = 2.0,
         **kwargs: Any,
     ) -> TypedFile:
         """Build a file from sources with parallel ``load`` tasks and one writer.
@@ -347,6 +348,11 @@ class TypedFile:
             (``file.errors``) and go on.
         progress : bool
             Show a progress bar.
+        commit_seconds : float or None
+            Commit what was loaded at least this often (and per 16 MiB of
+            results): a build killed meanwhile loses at most about this many
+            seconds of loading, and ``mode="a"`` resumes it. ``None``: commit
+            per 16 MiB only, and at the end. A commit costs a few milliseconds.
         **kwargs
             ``parallelism`` (h5mapper's name: "mp", "threads", "none") and
             :class:`h5py.File` options.
@@ -382,6 +388,7 @@ class TypedFile:
             keep_open,
             on_error,
             progress,
+            commit_seconds=commit_seconds,
             **kwargs,
         )
 

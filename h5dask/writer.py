@@ -337,6 +337,12 @@ class Writer:
         if self._bytes >= self.flush_bytes or monotonic() >= self._due:
             self.flush()
 
+    def flush_if_due(self) -> None:
+        """:meth:`flush` if the last flush is :attr:`flush_seconds` old (a caller that waits
+        for results calls it, so that what it buffered is committed on time)."""
+        if monotonic() >= self._due:
+            self.flush()
+
     def flush(self) -> None:
         """Write and commit every buffered result.
 

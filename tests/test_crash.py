@@ -36,12 +36,13 @@ from h5dask import engine, writer
 
 N = 3000
 SLOW = 0.0
+HANG = -1  # the source that takes a minute
 
 
 class Ragged(h5m.Feature):
     def load(self, source):
         i = int(source[1:])
-        time.sleep(SLOW)
+        time.sleep(60 if i == HANG else SLOW)
         return np.arange((i * 37) % 41 * 16, dtype=np.float32).reshape(-1, 16) + i
 
 
@@ -65,9 +66,13 @@ def small_commits():
 
 if __name__ == "__main__":
     SLOW = float(sys.argv[3])
-    small_commits()
+    if sys.argv[4:5] == ["hang"]:  # commits by time only: 16 MiB is more than the build
+        HANG = int(sys.argv[5])
+    else:
+        small_commits()
     print("start", flush=True)
-    h5m.TypedFile.create(sys.argv[1], SOURCES, schema=SCHEMA, scheduler=sys.argv[2],
+    scheduler = None if sys.argv[2] == "default" else sys.argv[2]
+    h5m.TypedFile.create(sys.argv[1], SOURCES, schema=SCHEMA, scheduler=scheduler,
                          n_workers=2, progress=False)
     print("done", flush=True)
 '''
@@ -193,6 +198,32 @@ def test_kill_9_at_random_moments_then_repair_and_resume(tmp_path, build, monkey
         create(build, path, mode="a")
         assert snapshot(path) == expected, f"trial {trial}: the resumed file differs"
     assert mid_commit >= 1, "no kill landed in the middle of a commit: the test proves nothing"
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "slow", "hang"),
+    [("default", 0.004, -1), ("threads", 0.0, 100)],
+    ids=["slow-sources", "a-source-hangs"],
+)
+def test_a_build_killed_mid_way_keeps_what_was_loaded_seconds_before(
+    tmp_path, build, scheduler, slow, hang
+):
+    """The writer commits every 2 s (``commit_seconds``) while results come, and while it
+    waits for a partition that takes long: the results before it are committed."""
+    clean = tmp_path / "clean.h5"
+    create(build, clean)
+    path = tmp_path / "k.h5"
+    process = spawn(tmp_path, path, scheduler, slow, "hang", hang)
+    assert process.stdout.readline().strip() == "start"
+    time.sleep(5.0)  # 3000 slow sources take about 7 s on 2 workers
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    n = check_committed_prefix(build, path)
+    assert 0 < n < len(build.SOURCES)
+    if hang >= 0:
+        assert hang // 2 < n <= hang  # the partitions before the hung one's
+    create(build, path, mode="a")
+    assert snapshot(path) == snapshot(clean)
 
 
 def test_repair_of_a_clean_file_changes_nothing(tmp_path, build, capsys):

@@ -830,7 +830,7 @@ def test_partitions_shrink_to_a_byte_budget_once_results_are_seen():
     for part in parts:
         sizes.append(len(part))
         parts.observe(engine.load_partition(ids[part.start : part.stop], {"x": Filler(1 << 20)}))
-    assert sizes[0] == engine.FIRST_PARTITION
+    assert sizes[0] == 1  # sized blind: one id
     assert set(sizes[1:-1]) == {engine.PARTITION_BYTES >> 20}
     assert sum(sizes) == len(ids)
     many = [str(i) for i in range(2000)]
@@ -839,7 +839,7 @@ def test_partitions_shrink_to_a_byte_budget_once_results_are_seen():
     for part in small:
         sizes.append(len(part))
         small.observe(engine.load_partition(many[part.start : part.stop], {"x": Filler(64)}))
-    assert sizes[:2] == [engine.FIRST_PARTITION, 512]
+    assert sizes[:2] == [1, 512]
 
 
 class Slow(h5m.Feature):
@@ -862,7 +862,7 @@ def test_partitions_shrink_to_a_time_budget_when_loads_are_slow():
         packed = engine.load_partition(ids[part.start : part.stop], {"x": Slow(0.005)})
         assert packed.seconds >= 0.005 * len(part)
         parts.observe(packed)
-    assert sizes[0] == engine.FIRST_PARTITION
+    assert sizes[0] == 1  # sized blind: one id
     assert 1 <= max(sizes[1:]) <= 10  # 0.05 s of 5 ms loads
     assert sum(sizes) == len(ids)
 
