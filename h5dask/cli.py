@@ -313,6 +313,12 @@ def _add_build(commands: Any, common: argparse.ArgumentParser) -> None:
         default="raise",
         help='"skip" records failing sources in the file and goes on',
     )
+    sub.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="fail a source whose loads run longer (LoadTimeoutError; see --on-error)",
+    )
     sub.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     sub.set_defaults(run=run_build)
 
@@ -344,6 +350,7 @@ def _create(cls: type[TypedFile], args: argparse.Namespace) -> TypedFile:
             scheduler=args.scheduler,
             on_error=args.on_error,
             progress=not args.no_progress,
+            timeout=args.timeout,
         )
     except Exception as exc:  # a failing source, user code in hooks, bad arguments: one line
         if args.traceback:

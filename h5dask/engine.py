@@ -51,6 +51,7 @@ from .extract import flatten, load_schema
 from .feature import Feature
 from .spawning import main_not_reimported
 from .throttle import Throttle
+from .watchdog import load_watched
 from .writer import concat_rows, row_counts
 
 __all__ = [
@@ -60,6 +61,7 @@ __all__ = [
     "Partitions",
     "partition_size",
     "check_scheduler",
+    "loads_here",
 ]
 
 LOCAL = {"sync": "sync", "synchronous": "sync", "single-threaded": "sync"}
@@ -212,33 +214,49 @@ def _portable(error: H5DaskError) -> None:
         error.__context__ = None
 
 
-def load_partition(ids: list[str], schema: dict[str, Feature], spill: str | None = None) -> Packed:
+def load_partition(
+    ids: list[str],
+    schema: dict[str, Feature],
+    spill: str | None = None,
+    timeout: float | None = None,
+) -> Packed:
     """Run the schema on each id of a partition and pack the results (the task body).
 
     With ``spill``, a folder on this machine, large results go through files there.
+    With ``timeout``, a source whose loads run longer fails with a
+    :class:`~h5dask.errors.LoadTimeoutError` (see :mod:`h5dask.watchdog`).
     """
-    results: list[dict[str, np.ndarray]] = []
-    errors: dict[int, H5DaskError] = {}
     start = time.perf_counter()
-    for k, id in enumerate(ids):
-        try:
-            results.append(flatten(load_schema(id, schema)))
-        except H5DaskError as exc:
-            errors[k] = exc
-            results.append({})
+    load = functools.partial(_load_one, schema=schema)
+    if timeout is None:
+        loaded = [load(id) for id in ids]
+    else:
+        loaded = load_watched(ids, load, timeout, list(schema))
+    errors = {k: r for k, r in enumerate(loaded) if isinstance(r, H5DaskError)}
+    results = [{} if k in errors else r for k, r in enumerate(loaded)]
     packed = _pack(ids, results, errors, spill)
     packed.seconds = time.perf_counter() - start
     return packed
 
 
-def _load_pickled(ids: list[str], payload: bytes, spill: str | None) -> Packed:
+def _load_one(id: str, schema: dict[str, Feature]) -> dict[str, np.ndarray] | H5DaskError:
+    """The flat result of the schema on ``id``, or the error that its loading raised."""
+    try:
+        return flatten(load_schema(id, schema))
+    except H5DaskError as exc:
+        return exc
+
+
+def _load_pickled(
+    ids: list[str], payload: bytes, spill: str | None, timeout: float | None = None
+) -> Packed:
     """:func:`load_partition` with the schema sent as bytes.
 
     A worker that cannot unpickle the features (their module is not importable
     there) then fails this task with a clear error, instead of failing to
     receive it, which kills distributed workers over and over.
     """
-    return load_partition(ids, _unpickle_schema(payload), spill)
+    return load_partition(ids, _unpickle_schema(payload), spill, timeout)
 
 
 @functools.lru_cache(maxsize=4)
@@ -376,6 +394,7 @@ def run_loads(
     desc: str = "create",
     idle: Callable[[], None] = lambda: None,
     idle_seconds: float | None = None,
+    timeout: float | None = None,
 ) -> Iterator[Packed]:
     """Yield the :class:`Packed` results of consecutive partitions of ``ids``, in order.
 
@@ -400,6 +419,9 @@ def run_loads(
         while waiting (the writer commits what it buffered when it is due).
     idle_seconds : float, optional
         Default: ``idle`` is called only before each wait.
+    timeout : float, optional
+        Seconds a source's loads may run; a source that runs longer fails with
+        a :class:`~h5dask.errors.LoadTimeoutError` (default: no limit).
     """
     if not ids:
         return
@@ -418,11 +440,13 @@ def run_loads(
             tqdm(total=len(ids), disable=not progress, unit="src", desc=name) as bar,
         ):
             waiting = functools.partial(_wait_for, idle=idle, seconds=idle_seconds)
-            head = yield from _while_starting(starting, parts, todo, schema, spill, bar, waiting)
+            head = yield from _while_starting(
+                starting, parts, todo, schema, spill, bar, waiting, timeout
+            )
             where = starting.result()
             bar.set_description(f"{desc} ({where.name})")
             parts.aim(most, *_targets(where, spill, window))
-            calls = _calls(where, ids, todo, schema, spill)
+            calls = _calls(where, ids, todo, schema, spill, timeout)
             for packed in _in_order(where.submit, calls, window, head, waiting):
                 parts.observe(packed)
                 yield packed.unspill()
@@ -470,6 +494,7 @@ def _while_starting(
     spill: str | None,
     bar: tqdm,
     waiting: Callable[[list], None] = lambda futures: wait(futures, return_when=FIRST_COMPLETED),
+    timeout: float | None = None,
 ) -> Generator[Packed, None, Future | None]:
     """Load partitions in a thread of this process while the embedded cluster starts.
 
@@ -488,7 +513,8 @@ def _while_starting(
         part = None if starting.done() else next(todo, None)
         if part is None:
             return None
-        return lane.submit(load_partition, parts.ids[part.start : part.stop], schema, spill)
+        part_ids = parts.ids[part.start : part.stop]
+        return lane.submit(load_partition, part_ids, schema, spill, timeout)
 
     loading = None
     try:
@@ -600,6 +626,7 @@ def _calls(
     parts: Iterable[range],
     schema: dict[str, Feature],
     spill: str | None,
+    timeout: float | None = None,
 ) -> Iterator[tuple]:
     """The task of each partition, as ``(fn, *args)``, made when it is submitted.
 
@@ -615,12 +642,12 @@ def _calls(
     """
     if not where.processes:
         for r in parts:
-            yield load_partition, ids[r.start : r.stop], schema, spill
+            yield load_partition, ids[r.start : r.stop], schema, spill, timeout
         return
     payload = cloudpickle.dumps(schema)
     if where.share is None:
         for r in parts:
-            yield _load_pickled, ids[r.start : r.stop], payload, spill
+            yield _load_pickled, ids[r.start : r.stop], payload, spill, timeout
         return
     shared_payload = where.share(payload)
     shared, first, last = None, 0, 0  # the ids [first, last) the workers hold as ``shared``
@@ -628,7 +655,7 @@ def _calls(
         if r.stop > last:
             first, last = r.start, min(len(ids), r.start + _bulk_size(ids, r))
             shared = where.share(IdTable(ids[first:last]))
-        yield _load_range, shared, r.start - first, r.stop - first, shared_payload, spill
+        yield _load_range, shared, r.start - first, r.stop - first, shared_payload, spill, timeout
 
 
 def _bulk_size(ids: list[str], part: range) -> int:
@@ -646,9 +673,11 @@ def _bulk_size(ids: list[str], part: range) -> int:
     return max(len(part), int(SHARED_BYTES / per_id))
 
 
-def _load_range(ids: IdTable, start: int, stop: int, payload: bytes, spill: str | None) -> Packed:
+def _load_range(
+    ids: IdTable, start: int, stop: int, payload: bytes, spill: str | None, timeout: float | None
+) -> Packed:
     """:func:`_load_pickled` of ``ids[start:stop]`` (ids scattered to the workers in bulk)."""
-    return _load_pickled(ids[start:stop], payload, spill)
+    return _load_pickled(ids[start:stop], payload, spill, timeout)
 
 
 class IdTable:
@@ -706,6 +735,24 @@ def check_scheduler(scheduler: Any) -> None:
         "scheduler must be 'sync', 'threads', 'processes', a scheduler address "
         f"('tcp://host:8786') or a distributed.Client, not {scheduler!r}"
     )
+
+
+def loads_here(scheduler: Any) -> bool | None:
+    """Whether ``scheduler`` (as :func:`run_loads` takes it) loads in this process: None
+    for the default without an active Client, which starts a cluster of worker processes.
+
+    Examples
+    --------
+    >>> loads_here("threads"), loads_here("processes"), loads_here("tcp://10.0.0.1:8786")
+    (True, False, False)
+    """
+    if isinstance(scheduler, str):
+        return LOCAL.get(scheduler) in ("sync", "threads")
+    client = scheduler if scheduler is not None else _active_client()
+    if client is None:
+        return None
+    workers = client.scheduler_info()["workers"]
+    return bool(workers) and all(address.startswith("inproc://") for address in workers)
 
 
 @dataclass(frozen=True)

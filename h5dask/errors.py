@@ -11,6 +11,7 @@ __all__ = [
     "H5DaskError",
     "SourceFeatureError",
     "LoadError",
+    "LoadTimeoutError",
     "ResultTypeError",
     "ConcatError",
     "UnknownIdError",
@@ -54,6 +55,10 @@ class SourceFeatureError(H5DaskError):
 
 class LoadError(SourceFeatureError):
     """``Feature.load`` failed; the original exception is chained as ``__cause__``."""
+
+
+class LoadTimeoutError(LoadError, TimeoutError):
+    """``Feature.load`` ran longer than ``create(..., timeout=)`` allows."""
 
 
 class ResultTypeError(LoadError, TypeError):

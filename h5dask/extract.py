@@ -9,13 +9,14 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable, Mapping
+from types import FrameType
 from typing import Any
 
 import numpy as np
 
 from .errors import LoadError, ResultTypeError, SourceFeatureError
 
-__all__ = ["load_schema", "may_load", "normalize", "flatten"]
+__all__ = ["load_schema", "may_load", "normalize", "flatten", "feature_running"]
 
 Result = dict[str, Any]
 
@@ -98,6 +99,15 @@ def _call_load(feature: Any, arg: Any, source: Any, path: str) -> Any:
         raise
     except Exception as exc:
         raise LoadError(str(source), path, f"load() raised {type(exc).__name__}: {exc}") from exc
+
+
+def feature_running(frame: FrameType | None) -> str | None:
+    """The path of the feature whose ``load`` runs in ``frame`` or a frame that called it."""
+    while frame is not None:
+        if frame.f_code is _call_load.__code__:
+            return frame.f_locals["path"]
+        frame = frame.f_back
+    return None
 
 
 def normalize(value: Any, source: Any = "", path: str = "") -> Any:

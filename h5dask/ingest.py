@@ -10,12 +10,12 @@ from typing import Any
 import h5py
 
 from . import format as fmt
-from .engine import Packed, check_scheduler, run_loads
+from .engine import Packed, check_scheduler, loads_here, run_loads
 from .errors import ConcatError, SchemaError, SourceError
 from .extract import may_load
 from .failures import Failure, read_failures, record_failures
 from .feature import Feature
-from .sources import expand_sources
+from .sources import expand_sources, memory_source
 from .spawning import refuse_reimported_main
 from .typed_file import TypedFile, _check_schema
 from .writer import Writer
@@ -40,12 +40,14 @@ def create(
     progress: bool = True,
     parallelism: str | None = None,
     commit_seconds: float | None = COMMIT_SECONDS,
+    timeout: float | None = None,
     **h5_kwargs: Any,
 ) -> TypedFile:
     """Build a typed file from sources; see :meth:`TypedFile.create`."""
     refuse_reimported_main(f"{cls.__name__}.create({os.fspath(filename)!r})")
     schema = _resolve_schema(cls, schema)
     _check_seconds("commit_seconds", commit_seconds)
+    _check_seconds("timeout", timeout)
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, not {on_error!r}")
     if mode not in ("w", "a", "r+", "w-", "x"):
@@ -53,6 +55,7 @@ def create(
     scheduler = _scheduler(scheduler, parallelism)
     ids = expand_sources(sources)
     _check_some_load(ids, schema)
+    scheduler = _for_memory_sources(ids, scheduler)
     file = cls(filename, mode=mode, schema=schema, **h5_kwargs)
     for feature in schema.values():
         feature.before_create(ids)
@@ -63,7 +66,7 @@ def create(
         _forget_failures(f, todo)
     _ingest(
         file, todo, schema, n_workers, scheduler, on_error, progress, new_ids=True,
-        commit_seconds=commit_seconds,
+        commit_seconds=commit_seconds, timeout=timeout,
     )  # fmt: skip
     _after_create(file, schema)
     file.keep_open = keep_open
@@ -100,6 +103,28 @@ def _patterns(schema: Mapping[str, Feature], prefix: str = "") -> list[tuple[str
 def _check_seconds(name: str, seconds: float | None) -> None:
     if seconds is not None and not (isinstance(seconds, (int, float)) and seconds > 0):
         raise ValueError(f"{name} must be a number of seconds > 0 or None, not {seconds!r}")
+
+
+def _for_memory_sources(ids: list[str], scheduler: Any) -> Any:
+    """The scheduler for ``ids``: ``"threads"`` for the default engine if some source is in
+    fsspec's memory filesystem, which lives in this process only.
+
+    Raises
+    ------
+    SourceError
+        Some source is in the memory filesystem and ``scheduler`` loads in other processes.
+    """
+    where = loads_here(scheduler) if (source := memory_source(ids)) is not None else True
+    if where:
+        return scheduler
+    if where is None:
+        return "threads"  # the embedded cluster's workers could not read them
+    raise SourceError(
+        f"source {source!r} is a file of fsspec's memory filesystem, which lives in this "
+        f"process only: the worker processes of scheduler={scheduler!r} cannot read it. "
+        "Load such sources with scheduler='threads' or 'sync' (the default engine does), or "
+        "write them to a file system that the workers share"
+    )
 
 
 def _not_committed(file: TypedFile, ids: list[str]) -> list[str]:
@@ -164,17 +189,21 @@ def _ingest(
     new_ids: bool = False,
     desc: str = "create",
     commit_seconds: float | None = COMMIT_SECONDS,
+    timeout: float | None = None,
 ) -> None:
     """Load ``ids`` with ``schema`` and write the results to ``file`` in id order.
 
     ``new_ids`` promises that no id is in the file yet (see :class:`Writer`).
     The writer commits per 16 MiB of results and, while results come, at least
-    every ``commit_seconds`` (None: only per 16 MiB and at the end).
+    every ``commit_seconds`` (None: only per 16 MiB and at the end). A source
+    whose loads run longer than ``timeout`` seconds fails (:class:`LoadTimeoutError`).
     """
     writer = Writer(file, flush_seconds=commit_seconds, new_ids=new_ids)
     failures: list[Failure] = []
     tick = None if commit_seconds is None else commit_seconds / 4
-    loads = run_loads(ids, schema, n_workers, scheduler, progress, desc, writer.flush_if_due, tick)
+    loads = run_loads(
+        ids, schema, n_workers, scheduler, progress, desc, writer.flush_if_due, tick, timeout
+    )
     try:
         with closing(loads) as batches:  # the scheduler stops now, not when collected
             for packed in batches:

@@ -47,11 +47,12 @@ import fsspec
 from . import format as fmt
 from .errors import SourceError
 
-__all__ = ["expand_sources", "open_source", "source_protocol"]
+__all__ = ["expand_sources", "open_source", "source_protocol", "memory_source"]
 
 SourceLike = Union[str, "os.PathLike[str]"]
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+_MEMORY = re.compile(r"(^|::)memory://")
 _MAGIC = re.compile(r"[*?\[]")
 _HTTP_MAGIC = re.compile(r"[*\[]")
 _CHEAP_ISDIR = frozenset({"memory", "file", "local"})
@@ -89,6 +90,26 @@ def source_protocol(source: SourceLike) -> str:
             return s
     m = _URL.match(s)
     return m.group(1) if m else "file"
+
+
+def memory_source(ids: list[str]) -> str | None:
+    """The first of ``ids`` in fsspec's ``memory://`` filesystem (alone or in a chain of
+    protocols), which lives in one process only; None if there is none.
+
+    Examples
+    --------
+    >>> memory_source(["data/a.png", "simplecache::memory://b/c.png", "memory://d"])
+    'simplecache::memory://b/c.png'
+    >>> memory_source(["run-3", "s3://bucket/memory://x"]) is None
+    True
+    """
+    for start in range(0, len(ids), 4096):  # ids without "memory:" (the usual) in bulk
+        some = ids[start : start + 4096]
+        if "memory:" in "\0".join(some):
+            found = next((id for id in some if _MEMORY.search(id)), None)
+            if found is not None:
+                return found
+    return None
 
 
 def expand_sources(

@@ -319,6 +319,7 @@ class TypedFile:
         on_error: str = "raise",
         progress: bool = True,
         commit_seconds: float | None = 2.0,
+        timeout: float | None = None,
         **kwargs: Any,
     ) -> TypedFile:
         """Build a file from sources with parallel ``load`` tasks and one writer.
@@ -353,6 +354,13 @@ class TypedFile:
             results): a build killed meanwhile loses at most about this many
             seconds of loading, and ``mode="a"`` resumes it. ``None``: commit
             per 16 MiB only, and at the end. A commit costs a few milliseconds.
+        timeout : float or None
+            Seconds that a source's loads may run. A source that runs longer
+            fails with a :class:`~h5dask.errors.LoadTimeoutError` naming it, the
+            feature and the line its load was at (recorded with
+            ``on_error="skip"``, and the build goes on); the thread running it is
+            left behind until its load returns (see ``docs/RELIABILITY.md``).
+            ``None`` (the default): no limit.
         **kwargs
             ``parallelism`` (h5mapper's name: "mp", "threads", "none") and
             :class:`h5py.File` options.
@@ -370,7 +378,7 @@ class TypedFile:
             No sources (``[]``, an empty folder or glob), or none that a feature's
             ``__re__`` matches (a typo'd folder is kept as a plain source): the
             file is left as it was. Build an empty file with ``cls(path, mode="w")``.
-        LoadError, ConcatError
+        LoadError, LoadTimeoutError, ConcatError
             With ``on_error="raise"``: the first source that failed, naming
             the source, the feature and the cause; every source before it
             stays committed.
@@ -389,6 +397,7 @@ class TypedFile:
             on_error,
             progress,
             commit_seconds=commit_seconds,
+            timeout=timeout,
             **kwargs,
         )
 

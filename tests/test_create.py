@@ -38,7 +38,7 @@ import pytest
 
 import h5dask as h5m
 from h5dask import engine
-from h5dask.errors import ConcatError, LoadError, SchemaError
+from h5dask.errors import ConcatError, LoadError, SchemaError, SourceError
 from h5dask.sources import open_source
 
 # -- features (module level: worker processes import them) --------------------------------
@@ -557,6 +557,25 @@ def test_memory_urls(tmp_path, memory_fs, scheduler):
     ]
     assert plain_ids(file.filename) == ids
     assert [file.payload.get(i).tobytes() for i in ids] == [b"aa", b"b" * 9, b"zz"]
+
+
+def test_memory_urls_load_in_this_process_or_are_refused_up_front(tmp_path, memory_fs, client):
+    """The memory filesystem lives in this process: the default engine loads such sources in
+    threads (its cluster's workers read nothing: 20,000 failed after 6,983 loaded here while
+    it started); schedulers of other processes are refused before the file is touched."""
+    sources = [f"memory://bucket/{i:05d}.bin" for i in range(400)]
+    for i, source in enumerate(sources):
+        memory_fs.pipe(source, str(i).encode())
+    slow = {"payload": Payload(), "wait": Slow(0.01)}  # 4 s: longer than the cluster's start
+    file = build(tmp_path / "m.h5", sources, slow)
+    assert plain_ids(file.filename) == sources
+    assert file.payload.get(sources[-1]).tobytes() == b"399"
+    mixed = ["run-1", *sources]
+    for scheduler in ("processes", client):
+        path = tmp_path / "refused.h5"
+        with pytest.raises(SourceError, match=r"source 'memory://bucket/00000.bin' .* memory"):
+            build(path, mixed, {"payload": Payload()}, scheduler=scheduler)
+        assert not path.exists()
 
 
 def test_http_urls_on_threads_and_on_the_cluster(tmp_path, http_server, client):
