@@ -858,7 +858,7 @@ def test_partitions_shrink_to_a_byte_budget_once_results_are_seen():
     for part in small:
         sizes.append(len(part))
         small.observe(engine.load_partition(many[part.start : part.stop], {"x": Filler(64)}))
-    assert sizes[:2] == [1, 512]
+    assert sizes[0] == 1 and max(sizes) == 512  # small results: no byte budget binds
 
 
 class Slow(h5m.Feature):
