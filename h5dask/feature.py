@@ -14,7 +14,28 @@ from typing import Any
 
 import h5py
 
-__all__ = ["Feature", "Array", "Group", "String", "iter_leaves"]
+from .errors import SchemaError
+
+__all__ = ["Feature", "Array", "Group", "String", "iter_leaves", "name_problem"]
+
+
+def name_problem(name: object) -> str | None:
+    """Why ``name`` cannot name a feature (it is an HDF5 link of one part), or None.
+
+    Examples
+    --------
+    >>> name_problem("images"), name_problem("a/b"), name_problem("..")
+    (None, "holds '/'", 'is a relative path')
+    """
+    if not isinstance(name, str):
+        return f"is a {type(name).__name__}, not a str"
+    if not name:
+        return "is empty"
+    if "/" in name:
+        return "holds '/'"
+    if name in (".", ".."):
+        return "is a relative path"
+    return None
 
 
 class Feature:
@@ -171,6 +192,9 @@ class Group(Feature):
             if not isinstance(feature, Feature):
                 kind = type(feature).__name__
                 raise TypeError(f"Group member {name!r} is a {kind}, not a Feature")
+            problem = name_problem(name)
+            if problem:
+                raise SchemaError(f"Group member {name!r} cannot name a feature: it {problem}")
             feature.name = name
         self.features: dict[str, Feature] = dict(features)
 

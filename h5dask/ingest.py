@@ -165,7 +165,7 @@ def _resolve_schema(
 ) -> dict[str, Feature]:
     if schema is not None and not schema:
         raise SchemaError("the schema is empty: give create() at least one Feature")
-    schema = _check_schema(schema) if schema else dict(cls.__schema__)
+    schema = _check_schema(schema, cls) if schema else dict(cls.__schema__)
     if not schema:
         raise SchemaError(
             f"{cls.__name__} declares no Feature: declare some as class attributes or pass schema="

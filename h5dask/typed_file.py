@@ -16,7 +16,7 @@ from .display import html_table, text_table
 from .errors import FileFormatError, ReadOnlyError, ResultTypeError, SchemaError
 from .extract import flatten, load_schema, normalize
 from .failures import Failure, read_failures
-from .feature import Feature, Group
+from .feature import Feature, Group, name_problem
 from .handle import FileHandle, as_reader, open_h5, without_chunk_cache
 from .index import IdIndex
 from .proxy import DatasetProxy, GroupProxy, Proxy
@@ -73,6 +73,7 @@ class TypedFile:
         schema: dict[str, Feature] = {}
         for klass in reversed(cls.__mro__):
             schema.update({k: v for k, v in vars(klass).items() if isinstance(v, Feature)})
+        _check_names(cls, schema)
         cls.__schema__ = schema
 
     def __init__(
@@ -87,7 +88,9 @@ class TypedFile:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         self.filename = os.fspath(filename)
-        self.schema: dict[str, Feature] = _check_schema(schema) if schema else dict(self.__schema__)
+        self.schema: dict[str, Feature] = (
+            _check_schema(schema, type(self)) if schema else dict(self.__schema__)
+        )
         if h5_kwargs.get("driver") == "core" and not h5_kwargs.get("backing_store", True):
             keep_open = True  # an in-memory file lives only as long as its handle
         self._handle = FileHandle(
@@ -665,14 +668,57 @@ def _check_unique(index: IdIndex, filename: str) -> None:
         raise FileFormatError(f"{filename!r}: id {id!r} appears more than once in /{fmt.IDS}")
 
 
-def _check_schema(schema: Mapping[str, Any]) -> dict[str, Feature]:
+def _check_schema(schema: Mapping[str, Any], cls: type[TypedFile]) -> dict[str, Feature]:
+    """Check a ``schema=`` dict of features for a file of ``cls``."""
     for name, feature in schema.items():
         if not isinstance(feature, Feature):
             raise SchemaError(f"schema entry {name!r} is a {type(feature).__name__}, not a Feature")
-        if not name or "/" in name or name in fmt.RESERVED:
-            raise SchemaError(f"{name!r} cannot name a feature")
+        problem = "is reserved" if name in fmt.RESERVED else name_problem(name)
+        if problem:
+            raise SchemaError(f"{name!r} cannot name a feature: it {problem}")
+    _check_names(cls, schema)
+    for name, feature in schema.items():
         feature.name = feature.name or name
     return dict(schema)
+
+
+_INSTANCE_API = ("filename", "schema")  # set by TypedFile.__init__
+_GROUP_API = frozenset(n for n in dir(GroupProxy) if not n.startswith("_")) | {
+    "file",
+    "path",
+    "feature",
+}
+
+
+def _check_names(cls: type, schema: Mapping[str, Feature], path: str = "") -> None:
+    """Refuse names that would hide an attribute: of ``cls`` at the top level (``index``,
+    ``keys``...), of the group proxy in a Group (``get``, ``name``...)."""
+    for name, feature in schema.items():
+        if path and name in _GROUP_API:
+            raise SchemaError(
+                f"{cls.__qualname__}: Group member {path}/{name} would hide the group's "
+                f"attribute {name!r} (file.{path.replace('/', '.')}.{name}); rename the member"
+            )
+        owner = None if path else _api_owner(cls, name)
+        if owner:
+            raise SchemaError(
+                f"{cls.__qualname__}: a feature named {name!r} would hide {owner}.{name}; "
+                "rename the feature"
+            )
+        if isinstance(feature, Group):
+            _check_names(cls, feature.features, f"{path}/{name}" if path else name)
+
+
+def _api_owner(cls: type, name: str) -> str | None:
+    """The class of ``cls``'s MRO whose public attribute ``name`` is, if any."""
+    if name.startswith("_"):
+        return None
+    if name in _INSTANCE_API:
+        return "TypedFile"
+    for klass in cls.__mro__:
+        if name in vars(klass) and not isinstance(vars(klass)[name], Feature):
+            return klass.__qualname__
+    return None
 
 
 def _walk(schema: Mapping[str, Feature], prefix: str = ""):

@@ -49,7 +49,7 @@ class Name(h5m.Feature):
 
 
 class Exp(h5m.TypedFile):
-    data = h5m.Group(sq=Squares(), name=Name())
+    data = h5m.Group(sq=Squares(), kind=Name())
     logs = h5m.Group(loss=h5m.Array())
 
 
@@ -238,7 +238,7 @@ def test_info_prints_the_table(built):
     assert "(gzip)" in rows["data/sq"] and rows["data/sq"][-5:] == ["(1,)", "(2,)", "(5,)",
                                                                      "None", "None"]  # fmt: skip
     assert rows["logs/loss"][-5:] == ["None"] * 4 + ["(10,)"]
-    assert "attrs of data/name: lang='en', sizes=[1, 2]" in lines
+    assert "attrs of data/kind: lang='en', sizes=[1, 2]" in lines
     assert "failures recorded by create(on_error='skip'): 1" in lines
 
 
@@ -258,7 +258,7 @@ def test_ls_lists_groups_and_features(built):
                                               ["logs/", "group", "1", "member"]]  # fmt: skip
     listed = h5dask("ls", str(out), "data").stdout.splitlines()
     data = {line.split()[0]: line.split() for line in listed}
-    assert data["data/name"][:5] == ["data/name", "feature", "(4,)", "object", "4/5"]
+    assert data["data/kind"][:5] == ["data/kind", "feature", "(4,)", "object", "4/5"]
     assert data["data/sq"][:5] == ["data/sq", "feature", "(8,)", "float32", "3/5"]
     assert "(gzip)" in data["data/sq"]
     everything = h5dask("ls", "-r", str(out)).stdout
@@ -277,10 +277,10 @@ def test_show_summarises_one_source(built):
         "  dtype  float32",
     ]
     assert numbers[4:] == ["  min    0", "  max    16", "  mean   6", "  [ 0.  1.  4.  9. 16.]"]
-    strings = h5dask("show", str(out), "data/name", "x").stdout
+    strings = h5dask("show", str(out), "data/kind", "x").stdout
     assert "dtype  str" in strings and "['src-x']" in strings and "min" not in strings
     group = h5dask("show", str(out), "data", "2").stdout
-    assert "data/name:" in group and "data/sq:" in group and "[0. 1.]" in group
+    assert "data/kind:" in group and "data/sq:" in group and "[0. 1.]" in group
     by_position = h5dask("show", str(out), "logs/loss", "-1").stdout
     assert "id 'train'" in by_position and "max    1" in by_position
     absent = h5dask("show", str(out), "data/sq", "x")
@@ -324,7 +324,7 @@ def test_html_repr_of_file_group_and_feature(built, module):
     assert "Group /data" in group and "<td>data/sq</td>" in group
     assert "logs/loss" not in group
     feature = file.data.sq._repr_html_()
-    assert "Feature /data/sq" in feature and "<td>data/name</td>" not in feature
+    assert "Feature /data/sq" in feature and "<td>data/kind</td>" not in feature
     assert "<td>(5,)</td>" in feature
 
 

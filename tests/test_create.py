@@ -80,7 +80,7 @@ class Label(h5m.Feature):
 
 
 class RaggedFile(h5m.TypedFile):
-    data = h5m.Group(x=Ragged(), twice=Twice(), name=Name())
+    data = h5m.Group(x=Ragged(), twice=Twice(), kind=Name())
     label = Label()
 
     def after_create(self):
@@ -237,11 +237,11 @@ def test_ragged_file_reads_back(tmp_path):
         np.testing.assert_array_equal(x.get(id), Ragged().load(id))
         np.testing.assert_array_equal(file.get_proxy("data/twice").get(id), 2 * Ragged().load(id))
         assert file.label.get(id).tolist() == [k % 5]
-        assert (file.get_proxy("data/name").get(id) is None) == (n == 0)
+        assert (file.get_proxy("data/kind").get(id) is None) == (n == 0)
     zero = x.refs[with_data.index("0:1")]
     assert zero.start == zero.stop  # a zero-row result is an empty region, not an absence
     with h5py.File(file.filename, "r") as f:
-        assert f["data/name/refs"][with_data.index("0:1")].tolist() == [-1, -1]
+        assert f["data/kind/refs"][with_data.index("0:1")].tolist() == [-1, -1]
         assert f["data/x"].attrs["n_rows"] == f["data/x/values"].shape[0] == 13 * 6
         assert f.attrs["n_ids_after_create"] == len(with_data)
 

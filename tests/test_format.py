@@ -48,7 +48,7 @@ def path(tmp_path):
     h5m.TypedFile.create(
         path,
         SOURCES,
-        schema={"data": h5m.Group(images=Image(), name=Name())},
+        schema={"data": h5m.Group(images=Image(), kind=Name())},
         scheduler="sync",
         progress=False,
     )
@@ -75,9 +75,9 @@ def test_values_and_refs(path):
         assert values.dtype == np.uint8 and values.shape == (4, 4, 4)
         assert values.compression == "lzf"
         assert np.array_equal(values[1:4], np.full((3, 4, 4), 3, dtype=np.uint8))
-        names = h["data/name/values"]
+        names = h["data/kind/values"]
         assert h5py.check_string_dtype(names.dtype).encoding == "utf-8"
-        assert names.asstr()[h["data/name/refs"][4, 0]] == "source-x-é"
+        assert names.asstr()[h["data/kind/refs"][4, 0]] == "source-x-é"
 
 
 def test_attrs_are_json_safe_and_never_pickled(path):
@@ -264,7 +264,7 @@ def test_feature_paths_are_the_features_of_the_layout(path):
     with h5py.File(path, "r") as h:
         layout = fmt.read_layout(h)
         features = [p for p, node in layout.items() if node.kind == "feature"]
-        assert fmt.feature_paths(h) == features == ["data/images", "data/name"]
+        assert fmt.feature_paths(h) == features == ["data/images", "data/kind"]
 
 
 def test_errors_table(tmp_path):

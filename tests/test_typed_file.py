@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import h5dask as h5m
-from h5dask.errors import ConcatError, FileFormatError, UnknownIdError
+from h5dask.errors import ConcatError, FileFormatError, SchemaError, UnknownIdError
 
 SOURCES = [str(i) for i in range(6)]
 
@@ -677,3 +677,62 @@ def test_a_file_created_and_kept_open_has_no_chunk_cache_either(tmp_path):
     assert f._handle._cached().id.get_access_plist().get_cache()[2] == 0
     assert f.raw.get("a").tolist() == [[0, 0, 0], [0, 0, 0]]
     f.close()
+
+
+FILE_API = sorted({n for n in dir(h5m.TypedFile) if not n.startswith("_")} | {"filename", "schema"})
+GROUP_API = sorted(
+    {n for n in dir(h5m.proxy.GroupProxy) if not n.startswith("_")} | {"file", "path", "feature"}
+)
+
+
+@pytest.mark.parametrize("name", FILE_API)
+def test_feature_names_that_hide_the_files_api_are_refused(tmp_path, name):
+    """A feature `index` made len(f) the rows of that feature and f.get(id) fail."""
+    with pytest.raises(SchemaError, match=f"Exp: a feature named '{name}' would hide TypedFile"):
+        type("Exp", (h5m.TypedFile,), {name: h5m.Array()})
+    with pytest.raises(SchemaError, match=f"TypedFile: a feature named '{name}' would hide"):
+        h5m.TypedFile(tmp_path / "a.h5", mode="w", schema={name: h5m.Array()})
+    with pytest.raises(SchemaError, match=f"'{name}' would hide TypedFile.{name}"):
+        h5m.TypedFile.create(tmp_path / "b.h5", ["0"], schema={name: h5m.Array()})
+    assert not (tmp_path / "b.h5").exists()
+
+
+@pytest.mark.parametrize("name", GROUP_API)
+def test_group_members_that_hide_the_groups_api_are_refused(tmp_path, name):
+    assert {"add", "attrs", "children", "get", "keys", "name", "set"} <= set(GROUP_API)
+    with pytest.raises(SchemaError, match=f"Exp: Group member data/{name} would hide"):
+        type("Exp", (h5m.TypedFile,), {"data": h5m.Group(**{name: h5m.Array()})})
+    nested = h5m.Group(sub=h5m.Group(**{name: h5m.Array()}))
+    with pytest.raises(SchemaError, match=f"Group member logs/sub/{name} .*file.logs.sub.{name}"):
+        h5m.TypedFile(tmp_path / "f.h5", mode="w", schema={"logs": nested})
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", ".", ""])
+def test_group_members_and_features_named_like_paths_are_refused(tmp_path, name):
+    with pytest.raises(SchemaError, match=f"Group member {name!r} cannot name a feature"):
+        h5m.Group(**{name: h5m.Array()})
+    with pytest.raises(SchemaError, match=f"{name!r} cannot name a feature"):
+        h5m.TypedFile(tmp_path / "f.h5", mode="w", schema={name: h5m.Array()})
+
+
+def test_a_mixins_api_is_kept_and_h5mappers_names_stay_allowed(tmp_path):
+    class Mixin:
+        def describe(self):
+            return "mixin"
+
+    with pytest.raises(SchemaError, match="a feature named 'describe' would hide .*Mixin.describe"):
+        type("Exp", (h5m.TypedFile, Mixin), {"describe": h5m.Array()})
+
+    class Exp(h5m.TypedFile, Mixin):  # h5mapper's README and examples' names
+        data = h5m.Group(images=h5m.Array(), labels=h5m.Array())
+        logs = h5m.Group(loss=h5m.Array(), acc=h5m.Array())
+        ckpts = h5m.Array()
+        x, y, z, feat, name, path, shape = (h5m.Array() for _ in range(7))
+
+    with Exp(tmp_path / "e.h5", mode="w") as f:
+        f.add("0", {"data": {"images": np.zeros((1, 2))}, "name": np.array([3])})
+        f.add("1", {"logs": {"loss": np.ones(4)}})
+    f = Exp(tmp_path / "e.h5")
+    assert len(f) == 2 and f.get("0")["name"].tolist() == [3]
+    assert f.data.images.get("0").shape == (1, 2) and f.logs.get("1")["loss"].shape == (4,)
+    assert f.describe() == "mixin" and f.name.get("0").tolist() == [3]
