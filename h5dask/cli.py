@@ -3,7 +3,8 @@
 ``h5dask info FILE`` prints the 2-D table (features down, ids across),
 ``h5dask ls FILE [PATH]`` lists groups and features, ``h5dask show FILE
 FEATURE ID`` summarises one source's array and ``h5dask build module:Class OUT
-SOURCES...`` runs :meth:`TypedFile.create`. A user mistake (a missing file, a
+SOURCES...`` runs :meth:`TypedFile.create`; ``h5dask convert OLD NEW`` rewrites
+a file of h5mapper in h5dask's format. A user mistake (a missing file, a
 bad ``module:Class``, an unknown feature or id) is one line on stderr and exit
 code 1; a bad command line is exit code 2. ``--traceback`` shows the traceback.
 """
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--traceback", action="store_true", help="show the full traceback of an error"
     )
-    for add in (_add_info, _add_ls, _add_show, _add_build, _add_repair):
+    for add in (_add_info, _add_ls, _add_show, _add_build, _add_repair, _add_convert):
         add(commands, common)
     return parser
 
@@ -481,3 +482,31 @@ def run_repair(args: argparse.Namespace) -> None:
     n = len(_open(args.file))
     what = "undid an unfinished commit" if undone else "nothing to repair"
     print(f"{args.file}: {what}; {n} committed ids")
+
+
+# -- convert ------------------------------------------------------------------------------------
+
+
+def _add_convert(commands: Any, common: argparse.ArgumentParser) -> None:
+    sub = _command(
+        commands,
+        common,
+        "convert",
+        "Rewrite a file written by h5mapper (__arr__ datasets, __ref__ region references) "
+        "in the h5dask format: the same ids, in the same order, and the same values.",
+    )
+    sub.add_argument("old", metavar="OLD", help="a file written by h5mapper")
+    sub.add_argument("new", metavar="NEW", help="the h5dask file to write (must not exist)")
+    sub.set_defaults(run=run_convert)
+
+
+def run_convert(args: argparse.Namespace) -> None:
+    """``h5dask convert``: rewrite an h5mapper file, then say what the new one holds."""
+    from .legacy import convert
+
+    if not os.path.exists(args.old):
+        raise CLIError(f"no such file: {args.old!r}")
+    if os.path.exists(args.new):
+        raise CLIError(f"{args.new!r} exists: give a new file")
+    new = convert(args.old, args.new, progress=sys.stderr.isatty())
+    print(f"{args.new}: {len(new)} ids, {len(new._feature_paths())} features, from {args.old}")

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import h5py
 import numpy as np
 
+from . import legacy
 from .errors import ExternalFileError, FileFormatError
 
 FORMAT = "h5dask"
@@ -42,11 +43,18 @@ def init_root(f: h5py.File) -> None:
         f.create_dataset(IDS, shape=(0,), maxshape=(None,), dtype=UTF8, chunks=(TABLE_CHUNK_ROWS,))
 
 
-def is_feature_group(obj: Any) -> bool:
-    """Whether ``obj`` is a feature group: a group holding ``values`` and ``refs``."""
-    return isinstance(obj, h5py.Group) and all(
-        _hard_class(obj, n) is h5py.Dataset for n in (VALUES, REFS)
-    )
+def is_feature_group(obj: Any, h5mapper: bool = False) -> bool:
+    """Whether ``obj`` is a feature group: a group holding ``values`` and ``refs``
+    (or, in a file of ``h5mapper``, ``__arr__`` and ``__ref__``)."""
+    return feature_names(obj, h5mapper) is not None
+
+
+def feature_names(obj: Any, h5mapper: bool = False) -> tuple[str, str] | None:
+    """The names of the values and refs datasets of a feature group, or None if it is not one."""
+    if not isinstance(obj, h5py.Group):
+        return None
+    names = (legacy.VALUES, legacy.REFS) if h5mapper else (VALUES, REFS)
+    return names if all(_hard_class(obj, n) is h5py.Dataset for n in names) else None
 
 
 def hard_get(
@@ -230,6 +238,11 @@ def read_refs(group: h5py.Group, n: int, allow_external: bool = False) -> np.nda
     ExternalFileError
         The table reads another file (see :func:`check_local`).
     """
+    if REFS not in group and legacy.REFS in group:  # a file of h5mapper: region references
+        check_local(group[legacy.REFS], allow_external)
+        table = legacy.read_region_refs(group, n)
+        check_refs(table, check_local(group[legacy.VALUES], allow_external).shape[0], _where(group))
+        return table
     refs, where = check_local(group[REFS], allow_external), _where(group)
     if refs.ndim != 2 or refs.shape[1] != 2 or refs.dtype.kind not in "iu":
         raise FileFormatError(
@@ -575,6 +588,7 @@ class Node:
     compression: str | None = None
     nbytes_stored: int = 0
     other_files: tuple[str, ...] = ()  # read from other files: see :func:`other_files`
+    values: str = VALUES  # a feature's dataset of values (h5mapper's files: ``__arr__``)
 
 
 def read_layout(f: h5py.File) -> dict[str, Node]:
@@ -590,7 +604,9 @@ def read_layout(f: h5py.File) -> dict[str, Node]:
         if kind == "group":
             layout[path] = Node("group")
         elif kind == "feature":
-            layout[path] = _dataset_node(kind, own, obj[VALUES], obj[REFS])
+            values, refs = feature_names(obj, legacy.is_h5mapper(f)) or (VALUES, REFS)
+            node = _dataset_node(kind, own, obj[values], obj[refs])
+            layout[path] = node if values == VALUES else replace(node, values=values)
         else:
             layout[path] = _dataset_node(kind, own, obj)
     return layout
@@ -605,6 +621,7 @@ def feature_paths(f: h5py.File) -> list[str]:
 def _walk(f: h5py.File) -> Iterator[tuple[str, str, Any]]:
     """Yield ``(path, kind, object)`` for each group, feature and plain dataset, depth first."""
     seen = {h5py.h5o.get_info(f.id).addr}
+    h5mapper = legacy.is_h5mapper(f)
     stack: list[tuple[Iterator[str], h5py.Group, str]] = [(iter(list(f)), f, "")]
     while stack:  # depth first with a stack: groups may nest deeper than Python recurses
         names, group, prefix = stack[-1]
@@ -620,7 +637,7 @@ def _walk(f: h5py.File) -> Iterator[tuple[str, str, Any]]:
             yield path, "dataset", group[name]
         elif cls is h5py.Group:
             child = group[name]
-            if is_feature_group(child):
+            if is_feature_group(child, h5mapper):
                 yield path, "feature", child
             elif h5py.h5o.get_info(child.id).addr not in seen:  # hard links can loop
                 seen.add(h5py.h5o.get_info(child.id).addr)

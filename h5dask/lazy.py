@@ -34,6 +34,7 @@ from dask.base import tokenize
 from dask.utils import parse_bytes
 
 from . import format as fmt
+from . import legacy
 from .direct import read_rows
 from .errors import (
     FileFormatError,
@@ -356,7 +357,11 @@ def _read_partition(args: list[tuple[StoredArray, int, int]]) -> list[tuple[str,
 def _read_ids(f: h5py.File, array: StoredArray, lo: int, hi: int) -> list[tuple[str, np.ndarray]]:
     """The ``(id, array)`` pairs of positions ``[lo, hi)``, read in sorted merged runs."""
     ds = as_reader(array._checked(f))
-    refs = fmt.check_local(f[f"{array.feature}/{fmt.REFS}"], array.allow_external)
+    group = f[array.feature]
+    if fmt.REFS in group:
+        refs = fmt.check_local(group[fmt.REFS], array.allow_external)
+    else:  # a file of h5mapper: its region references as rows
+        refs = fmt.read_refs(group, fmt.n_ids(f), array.allow_external)
     id_table = fmt.check_local(f[fmt.IDS], array.allow_external)
     if refs.shape[0] < hi or id_table.shape[0] < hi:
         raise StaleFileError(array.filename, array.feature, f"its ref table lost rows below {hi}")
@@ -501,7 +506,9 @@ class _Source:
         with self.open() as f:
             index, table = self._tables(f)
             start, stop = table[index[id]]
-            values = fmt.check_local(f[f"{self.feature}/{fmt.VALUES}"], self.allow_external)
+            group = f[self.feature]
+            values = group[fmt.VALUES if fmt.VALUES in group else legacy.VALUES]
+            values = fmt.check_local(values, self.allow_external)
             return as_reader(values)[start:stop]
 
     def _tables(self, f: h5py.File) -> tuple[IdIndex, np.ndarray]:

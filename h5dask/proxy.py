@@ -247,7 +247,10 @@ class DatasetProxy(Proxy):
     @property
     def values_path(self) -> str:
         """HDF5 path of the dataset holding the concatenation."""
-        return f"{self.path}/{fmt.VALUES}" if self.has_refs else self.path
+        if not self.has_refs:
+            return self.path
+        node = self._node
+        return f"{self.path}/{fmt.VALUES if node is None else node.values}"
 
     @property
     def _node(self) -> Any:

@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 
 from . import format as fmt
+from . import legacy
 from .display import html_table, text_table
 from .errors import FileFormatError, ReadOnlyError, ResultTypeError, SchemaError
 from .extract import flatten, load_schema, normalize
@@ -100,10 +101,14 @@ class TypedFile:
         self._writer: Writer | None = None
         if mode in ("r", "r+"):
             self._layout()  # fail now on a missing or non-HDF5 file
+            if mode == "r+" and self.legacy:
+                raise FileFormatError(_legacy_message(self.filename))
             return
         f = open_h5(self.filename, mode, **without_chunk_cache(h5_kwargs))  # kept if keep_open
         try:
             fmt.check_root(f)  # never relabel a file of a newer version
+            if legacy.is_h5mapper(f):  # nor one of h5mapper
+                raise FileFormatError(_legacy_message(self.filename))
         except FileFormatError:
             f.close()
             raise
@@ -163,10 +168,18 @@ class TypedFile:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         mode = "r" if mode == "r" else "r+"
+        if mode == "r+" and self.legacy:
+            raise FileFormatError(_legacy_message(self.filename))
         if mode != self._handle.mode:
             self.close()
             self._handle.mode = mode
         return self
+
+    @property
+    def legacy(self) -> bool:
+        """Whether h5mapper wrote this file (read-only then; see :mod:`h5dask.legacy`)."""
+        self._layout()
+        return self._cache.get("legacy", False)
 
     @property
     def __src__(self) -> Any:
@@ -474,6 +487,7 @@ class TypedFile:
             with self._handle.open() as f:
                 fmt.check_root(f)
                 self._cache["layout"] = fmt.read_layout(f)
+                self._cache["legacy"] = legacy.is_h5mapper(f)
         return self._cache["layout"]
 
     def _committed_index(self) -> IdIndex:
@@ -657,6 +671,13 @@ def _flat_arrays(data: Any) -> dict[str, np.ndarray] | None:
         ):
             return None
     return data
+
+
+def _legacy_message(filename: str) -> str:
+    return (
+        f"{filename!r} was written by h5mapper: h5dask reads it read-only (mode 'r'); "
+        f"to write to it, convert it first: `h5dask convert {filename} NEW.h5`"
+    )
 
 
 def _check_unique(index: IdIndex, filename: str) -> None:

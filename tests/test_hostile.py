@@ -406,6 +406,7 @@ def test_odd_attributes_read_as_data_and_never_run_code(tmp_path):
 NOT_FILE_CONTENT = [
     ("engine.py", "pickle.loads(pickle.dumps(error))"),  # can a worker's exception travel?
     ("engine.py", "cloudpickle.loads(payload)"),  # a task this process pickled for a worker
+    ("compat.py", "cloudpickle.loads(payload)"),  # for_each's function, pickled by this process
 ]
 
 
