@@ -230,7 +230,7 @@ class GroupProxy(Proxy):
         return data
 
     def __repr__(self) -> str:
-        return f"<Group {self.name} [{', '.join(self.keys())}] of {self.file.filename!r}>"
+        return f"<Proxy group {self.name} [{', '.join(self.keys())}] of {self.file.filename!r}>"
 
 
 class DatasetProxy(Proxy):
@@ -507,9 +507,10 @@ class DatasetProxy(Proxy):
         return data if dtype is None else data.astype(dtype)
 
     def __repr__(self) -> str:
-        kind = "Feature" if self.has_refs else "Dataset"
+        kind = "feature" if self.has_refs else "dataset"
         return (
-            f"<{kind} {self.name} shape={self.shape} dtype={self.dtype} of {self.file.filename!r}>"
+            f"<Proxy {kind} {self.name} shape={self.shape} dtype={self.dtype} "
+            f"of {self.file.filename!r}>"
         )
 
 

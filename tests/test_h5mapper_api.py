@@ -147,6 +147,7 @@ def test_proxy_attributes(data):
     x, logs = data.x, data.logs
     assert isinstance(x, h5m.Proxy) and isinstance(logs, h5m.Proxy)
     assert x.owner is data and logs.owner is data and x.feature is Data.x
+    assert "Proxy" in repr(x) and "Proxy" in repr(logs)
     assert not x.is_group and logs.is_group and data.logs.loss.is_group is False
     assert x.sources.tolist() == [str(i) for i in range(6)]
     assert logs.sources.tolist() == ["train"] and logs.loss.sources.tolist() == ["train"]

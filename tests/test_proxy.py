@@ -44,7 +44,7 @@ def test_dataset_proxy_attributes(f):
     assert x.shape == (32, 12) and x.ndim == 2 and x.size == 32 * 12
     assert x.dtype == np.float64 and x.chunks[1:] == (12,)
     assert np.array_equal(x.custom_method(np.ones(3)), np.zeros(3))
-    assert repr(x).startswith("<Feature /x shape=(32, 12)")
+    assert repr(x).startswith("<Proxy feature /x shape=(32, 12)")  # "Proxy", as in h5mapper
     assert f.features["x"] == x and set(f.features) == {"x", "d/x", "d/y"}
 
 
@@ -122,7 +122,7 @@ def test_group_proxy_from_a_dict_feature(f, keep_open):
     val["z"] = val.pop("y")
     d.add("9", val)  # a new member
     assert set(d["9"]) == {"x", "z"} and isinstance(d.z, h5m.DatasetProxy)
-    assert "z" in repr(d) and repr(d).startswith("<Group /d [x, y, z]")
+    assert "z" in repr(d) and repr(d).startswith("<Proxy group /d [x, y, z]")
     assert f._handle.is_open is keep_open
     with pytest.raises(TypeError, match="dict"):
         d.set("0", np.zeros(1))
