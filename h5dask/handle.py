@@ -143,6 +143,15 @@ def _locked_message(filename: str, mode: str) -> str:
     )
 
 
+def _locks(h5_kwargs: dict[str, Any]) -> bool:
+    """Whether HDF5 locks the file: then no other process commits to it while this one
+    holds it open (not with ``locking=False`` or ``HDF5_USE_FILE_LOCKING=FALSE``)."""
+    setting = h5_kwargs.get("locking")
+    if setting is None:
+        setting = os.environ.get("HDF5_USE_FILE_LOCKING", "TRUE")
+    return str(setting).upper() not in ("FALSE", "0")
+
+
 def as_reader(ds: h5py.Dataset) -> Any:
     """``ds``, or its ``asstr()`` view when it holds UTF-8 strings."""
     kind = h5py.check_string_dtype(ds.dtype)
@@ -202,6 +211,7 @@ class FileHandle:
         self.keep_open = keep_open
         self.allow_external = allow_external
         self.h5_kwargs = h5_kwargs
+        self.locks = _locks(h5_kwargs)
         self._file: h5py.File | None = None
         self._forks = forks()
         self._readers: dict[str, tuple[h5py.File, Any]] = {}
@@ -212,6 +222,15 @@ class FileHandle:
     def is_open(self) -> bool:
         """Whether this process holds an open handle."""
         return self._live() is not None
+
+    def holds(self, f: h5py.File | None) -> bool:
+        """Whether ``f`` is the handle this process keeps (a check cheaper than :attr:`kept`)."""
+        return f is not None and f is self._file and self._forks == _Forks.count
+
+    @property
+    def writing(self) -> h5py.File | None:
+        """The file this process is committing to through the journal, if it is."""
+        return self._writing
 
     @contextmanager
     def open(self, write: bool = False) -> Iterator[h5py.File]:

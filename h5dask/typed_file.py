@@ -116,9 +116,10 @@ class TypedFile:
         self._init_schema(f)
         self._cache["layout"] = fmt.read_layout(f)  # the first add need not reopen the file
         if keep_open:
-            self._handle._file = f
+            self._handle._file = self._cache["held"] = f
         else:
             f.close()
+        self._cache["version"] = _version(self.filename, h5_kwargs)
 
     # -- opening, closing, pickling ---------------------------------------------------------
 
@@ -241,7 +242,11 @@ class TypedFile:
         return id in self.index
 
     def refresh(self) -> TypedFile:
-        """Forget cached tables, to see what another process wrote since."""
+        """Forget cached tables, to see what another process wrote since.
+
+        Reads check the file's version themselves (see :meth:`_fresh`); this
+        forces a reread, e.g. on a file system with coarse timestamps.
+        """
         self._invalidate()
         return self
 
@@ -482,7 +487,37 @@ class TypedFile:
         self._commit()
         return self._committed_layout()
 
+    def _fresh(self) -> None:
+        """Forget every cached table if another process changed the file since they were read.
+
+        The file's identity, size, and modification and change times (one
+        ``stat``) are its version: another process's commit, or a file rebuilt
+        in its place, changes them; this process's own commits record the new
+        version (:meth:`_committed`), so they cost no reread. A handle kept open
+        since the last check needs none: HDF5's lock stops other writers while
+        it is held. A kept read-only handle is reopened, as HDF5 caches what it read.
+        The writer checks before each commit; inside it, the number of ids is compared.
+        """
+        cache, handle = self._cache, self._handle
+        if handle.writing is not None:  # in this process's commit, which holds the lock and
+            if "index" in cache and len(cache["index"]) != fmt.n_ids(handle.writing):
+                cache.clear()  # touched the file when it opened it: compare the ids instead
+            return
+        if handle.locks and handle.holds(cache.get("held")):
+            return
+        kept = handle.kept
+        stamp = _version(self.filename, handle.h5_kwargs)
+        if cache.get("version") != stamp:
+            if cache and kept is not None and kept.mode == "r":
+                handle.close()
+                kept = None
+            cache.clear()
+            cache["version"] = stamp
+        if kept is not None:
+            cache["held"] = kept
+
     def _committed_layout(self) -> dict[str, fmt.Node]:
+        self._fresh()
         if "layout" not in self._cache:
             with self._handle.open() as f:
                 fmt.check_root(f)
@@ -491,6 +526,7 @@ class TypedFile:
         return self._cache["layout"]
 
     def _committed_index(self) -> IdIndex:
+        self._fresh()
         if "index" not in self._cache:
             with self._handle.open() as f:
                 index = IdIndex(fmt.read_ids(f, self.allow_external))
@@ -500,6 +536,7 @@ class TypedFile:
 
     def _refs(self, path: str) -> np.ndarray:
         self._commit()
+        self._fresh()
         key = "refs:" + path
         if key not in self._cache:
             node = self._layout().get(path)
@@ -530,6 +567,10 @@ class TypedFile:
         """
         cache = self._cache
         cache.pop("layout", None)
+        cache.pop("held", None)
+        if "index" in cache and len(cache["index"]) != commit.total - len(commit.new_ids):
+            cache.clear()  # another process committed before this one: read it all again
+        cache["version"] = _version(self.filename, self._handle.h5_kwargs)
         if "index" in cache:
             new = commit.new_ids if commit.new_index is None else commit.new_index
             cache["index"] = cache["index"].extended(new)
@@ -540,6 +581,7 @@ class TypedFile:
 
     def _read(self, path: str, item: Any) -> Any:
         self._commit()
+        self._fresh()
         if self.keep_open:
             return self._handle.reader(path)[item]
         with self._handle.open() as f:
@@ -554,8 +596,10 @@ class TypedFile:
 
     def _write(self, path: str, item: Any, value: Any) -> None:
         self._commit()
+        self._fresh()
         with self._handle.open(write=True) as f:
             f[path][item] = value
+        self._cache["version"] = _version(self.filename, self._handle.h5_kwargs)  # its own
 
     def _attrs(self, path: str) -> dict[str, Any]:
         self._commit()
@@ -654,6 +698,17 @@ class TypedFile:
         self._commit()
         with self._handle.open() as f:
             return read_failures(f, self.allow_external)
+
+
+def _version(filename: str, h5_kwargs: dict[str, Any]) -> tuple[int, ...] | None:
+    """What tells one state of the file from another: its ``stat`` identity, size and times."""
+    if h5_kwargs.get("driver") == "core" and not h5_kwargs.get("backing_store", True):
+        return None  # in memory: no other process sees it
+    try:
+        st = os.stat(filename)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _flat_arrays(data: Any) -> dict[str, np.ndarray] | None:

@@ -362,6 +362,7 @@ class Writer:
         self._last_flush = monotonic()
         self.flush_seconds = self._flush_seconds  # the next flush by age is due from now
         try:
+            self.file._fresh()  # what another process committed since is read, not overwritten
             with self.file._handle.open(write=True) as f:
                 commit = self._write(f, blocks)
         except BaseException as exc:
