@@ -22,6 +22,7 @@ __all__ = [
     "SourceError",
     "DiskFullError",
     "CommitError",
+    "FileLockedError",
     "StaleFileError",
 ]
 
@@ -145,6 +146,10 @@ class CommitError(H5DaskError, OSError):
 
     def __reduce__(self):
         return type(self), (self.filename, self.sources, self.cause)
+
+
+class FileLockedError(H5DaskError, OSError):
+    """Another writer holds the file's writer session (see :mod:`h5dask.session`)."""
 
 
 class StaleFileError(H5DaskError):

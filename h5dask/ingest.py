@@ -15,9 +15,10 @@ from .errors import ConcatError, SchemaError, SourceError
 from .extract import may_load
 from .failures import Failure, read_failures, record_failures
 from .feature import Feature
+from .session import WriterSession
 from .sources import expand_sources, memory_source
 from .spawning import refuse_reimported_main
-from .typed_file import TypedFile, _check_schema
+from .typed_file import TypedFile, _check_schema, open_file
 from .writer import Writer
 
 __all__ = ["create"]
@@ -41,6 +42,7 @@ def create(
     parallelism: str | None = None,
     commit_seconds: float | None = COMMIT_SECONDS,
     timeout: float | None = None,
+    lock_timeout: float | None = 0.0,
     **h5_kwargs: Any,
 ) -> TypedFile:
     """Build a typed file from sources; see :meth:`TypedFile.create`."""
@@ -56,21 +58,38 @@ def create(
     ids = expand_sources(sources)
     _check_some_load(ids, schema)
     scheduler = _for_memory_sources(ids, scheduler)
-    file = cls(filename, mode=mode, schema=schema, **h5_kwargs)
-    for feature in schema.values():
-        feature.before_create(ids)
-    todo = _not_committed(file, ids)
-    file._invalidate()  # read again after the build, not extended commit by commit through it
-    with file._handle.open(write=True) as f:
-        file._init_schema(f)
-        _forget_failures(f, todo)
-    _ingest(
-        file, todo, schema, n_workers, scheduler, on_error, progress, new_ids=True,
-        commit_seconds=commit_seconds, timeout=timeout,
-    )  # fmt: skip
-    _after_create(file, schema)
-    file.keep_open = keep_open
+    session = WriterSession.acquire(os.fspath(filename), lock_timeout, h5_kwargs)
+    try:  # the one writer of the file from here to the end: the ids skipped are the truth
+        file = _open(cls, os.fspath(filename), mode, schema, h5_kwargs)
+        file._session = session
+        for feature in schema.values():
+            feature.before_create(ids)
+        todo = _not_committed(file, ids)
+        file._invalidate()  # read again after the build, not extended commit by commit
+        with file._handle.open(write=True) as f:
+            file._init_schema(f)  # attrs that before_create set
+            _forget_failures(f, todo)
+        _ingest(
+            file, todo, schema, n_workers, scheduler, on_error, progress, new_ids=True,
+            commit_seconds=commit_seconds, timeout=timeout,
+        )  # fmt: skip
+        _after_create(file, schema)
+        file.keep_open = keep_open
+    finally:
+        session.release()
     return file
+
+
+def _open(
+    cls: type[TypedFile],
+    filename: str,
+    mode: str,
+    schema: dict[str, Feature],
+    h5_kwargs: dict[str, Any],
+) -> TypedFile:
+    """The file to build, opened (truncated in mode "w") under the caller's writer session."""
+    open_file(filename, mode, schema, h5_kwargs).close()
+    return cls(filename, mode="r+", schema=schema, **h5_kwargs)
 
 
 def _check_some_load(ids: list[str], schema: dict[str, Feature]) -> None:
@@ -193,26 +212,28 @@ def _ingest(
 ) -> None:
     """Load ``ids`` with ``schema`` and write the results to ``file`` in id order.
 
-    ``new_ids`` promises that no id is in the file yet (see :class:`Writer`).
+    ``new_ids`` promises that no id is in the file yet (see :class:`Writer`), which
+    only the writer session of the whole build (``create``'s) can make true.
     The writer commits per 16 MiB of results and, while results come, at least
     every ``commit_seconds`` (None: only per 16 MiB and at the end). A source
     whose loads run longer than ``timeout`` seconds fails (:class:`LoadTimeoutError`).
     """
-    writer = Writer(file, flush_seconds=commit_seconds, new_ids=new_ids)
-    failures: list[Failure] = []
-    tick = None if commit_seconds is None else commit_seconds / 4
-    loads = run_loads(
-        ids, schema, n_workers, scheduler, progress, desc, writer.flush_if_due, tick, timeout
-    )
-    try:
-        with closing(loads) as batches:  # the scheduler stops now, not when collected
-            for packed in batches:
-                _write_packed(writer, packed, on_error, failures)
-    finally:
-        writer.flush()
-        if failures:
-            with file._handle.open(write=True) as f:
-                record_failures(f, failures)
+    with file._writing():
+        writer = Writer(file, flush_seconds=commit_seconds, new_ids=new_ids)
+        failures: list[Failure] = []
+        tick = None if commit_seconds is None else commit_seconds / 4
+        loads = run_loads(
+            ids, schema, n_workers, scheduler, progress, desc, writer.flush_if_due, tick, timeout
+        )
+        try:
+            with closing(loads) as batches:  # the scheduler stops now, not when collected
+                for packed in batches:
+                    _write_packed(writer, packed, on_error, failures)
+        finally:
+            writer.flush()
+            if failures:
+                with file._handle.open(write=True) as f:
+                    record_failures(f, failures)
 
 
 def _write_packed(writer: Writer, packed: Packed, on_error: str, failures: list[Failure]) -> None:

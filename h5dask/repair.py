@@ -28,7 +28,7 @@ import h5py
 
 from .errors import FileFormatError
 
-__all__ = ["repair", "journal_path", "journaled", "needs_repair", "JOURNAL_SUFFIX"]
+__all__ = ["repair", "journal_path", "journaled", "needs_repair", "uses_locks", "JOURNAL_SUFFIX"]
 
 JOURNAL_SUFFIX = ".h5dask-journal"
 PAGE = 4096
@@ -250,7 +250,9 @@ def can_journal(filename: Any, h5_kwargs: dict[str, Any]) -> bool:
     )
 
 
-def _locking(h5_kwargs: dict[str, Any]) -> bool:
+def uses_locks(h5_kwargs: dict[str, Any]) -> bool:
+    """Whether files opened with these h5py options are locked (``locking=``, or
+    ``HDF5_USE_FILE_LOCKING`` in the environment), as HDF5 decides."""
     if "locking" in h5_kwargs:
         return h5_kwargs["locking"] not in (False, "false")
     return os.environ.get("HDF5_USE_FILE_LOCKING", "TRUE").upper() not in ("FALSE", "0")
@@ -273,7 +275,7 @@ def journaled(filename: str, **h5_kwargs: Any) -> Iterator[tuple[h5py.File, Jour
     # format.append_blocks), and a cache that a commit's close frees would make
     # the next commit allocate and page in megabytes of fresh chunk buffers again.
     kwargs.setdefault("rdcc_nbytes", 0)
-    raw = JournaledFile(filename, lock=_locking(h5_kwargs))
+    raw = JournaledFile(filename, lock=uses_locks(h5_kwargs))
     try:
         f = h5py.File(raw, "r+", **kwargs)
     except BaseException:

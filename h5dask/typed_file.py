@@ -5,7 +5,8 @@ from __future__ import annotations
 import atexit
 import os
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import h5py
@@ -21,6 +22,7 @@ from .feature import Feature, Group, name_problem
 from .handle import FileHandle, as_reader, open_h5, without_chunk_cache
 from .index import IdIndex
 from .proxy import DatasetProxy, GroupProxy, Proxy
+from .session import WriterSession
 from .writer import Commit, Writer
 
 __all__ = ["TypedFile", "Failure"]
@@ -51,8 +53,18 @@ class TypedFile:
         one and refuses them with :class:`~h5dask.errors.ExternalFileError` (a
         file from someone else could name any file, ``/etc/passwd`` too). External
         and soft links are never followed either way.
+    lock_timeout : float or None
+        Seconds to wait for another writer of the file to finish (default 0:
+        raise :class:`~h5dask.errors.FileLockedError` at once; None: wait as long
+        as it takes). A file has one writer at a time: the first write of this
+        object (``add``, ``append``, ``set``, item assignment) makes it the file's
+        writer until :meth:`close`, ``with``'s exit, garbage collection or the end
+        of the process; opening in a mode that writes ("w", "a", "x") is refused
+        likewise while another writer holds the file. Readers (``mode="r"``, other
+        processes' DataLoader workers and dask tasks) are never blocked.
     **h5_kwargs
         Passed to :class:`h5py.File` (``driver="core"``, ``locking=False``...).
+        ``locking=False`` also leaves out the writer session.
 
     Examples
     --------
@@ -84,6 +96,7 @@ class TypedFile:
         keep_open: bool = False,
         schema: Mapping[str, Feature] | None = None,
         allow_external: bool = False,
+        lock_timeout: float | None = 0.0,
         **h5_kwargs: Any,
     ):
         if mode not in MODES:
@@ -99,21 +112,15 @@ class TypedFile:
         )
         self._cache: dict[str, Any] = {}
         self._writer: Writer | None = None
+        self.lock_timeout = lock_timeout
+        self._session: WriterSession | None = None
         if mode in ("r", "r+"):
             self._layout()  # fail now on a missing or non-HDF5 file
             if mode == "r+" and self.legacy:
                 raise FileFormatError(_legacy_message(self.filename))
             return
-        f = open_h5(self.filename, mode, **without_chunk_cache(h5_kwargs))  # kept if keep_open
-        try:
-            fmt.check_root(f)  # never relabel a file of a newer version
-            if legacy.is_h5mapper(f):  # nor one of h5mapper
-                raise FileFormatError(_legacy_message(self.filename))
-        except FileFormatError:
-            f.close()
-            raise
-        fmt.init_root(f)
-        self._init_schema(f)
+        with self._writing():  # never truncate or relabel a file another writer is writing
+            f = open_file(self.filename, mode, self.schema, h5_kwargs)  # kept if keep_open
         self._cache["layout"] = fmt.read_layout(f)  # the first add need not reopen the file
         if keep_open:
             self._handle._file = self._cache["held"] = f
@@ -196,9 +203,13 @@ class TypedFile:
             self._handle._cached(write=True).flush()
 
     def close(self) -> None:
-        """Commit buffered writes and close the kept handle, if any."""
+        """Commit buffered writes, close the kept handle, if any, and end the writer session.
+
+        The file stays usable: a later write starts a new session.
+        """
         self.flush()
         self._handle.close()
+        self._end_session()
 
     def __enter__(self) -> TypedFile:
         return self
@@ -208,7 +219,7 @@ class TypedFile:
 
     def __del__(self) -> None:
         try:
-            self.flush()
+            self.flush()  # then the writer session ends with its last holder (see __copy__)
         except Exception:  # noqa: S110 - never raise from a finaliser
             pass
 
@@ -217,10 +228,17 @@ class TypedFile:
         state = self.__dict__.copy()
         state["_cache"] = {}
         state["_writer"] = None
+        state["_session"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+
+    def __copy__(self) -> TypedFile:
+        """A copy in this process, sharing the writer session (a pickled one holds none)."""
+        copy = type(self).__new__(type(self))
+        copy.__setstate__({**self.__getstate__(), "_session": self.__dict__.get("_session")})
+        return copy
 
     # -- ids -----------------------------------------------------------------------------------
 
@@ -341,6 +359,7 @@ class TypedFile:
         progress: bool = True,
         commit_seconds: float | None = 2.0,
         timeout: float | None = None,
+        lock_timeout: float | None = 0.0,
         **kwargs: Any,
     ) -> TypedFile:
         """Build a file from sources with parallel ``load`` tasks and one writer.
@@ -382,6 +401,11 @@ class TypedFile:
             ``on_error="skip"``, and the build goes on); the thread running it is
             left behind until its load returns (see ``docs/RELIABILITY.md``).
             ``None`` (the default): no limit.
+        lock_timeout : float or None
+            Seconds to wait for another writer of the file (another build, a
+            TypedFile that adds to it) to finish; 0 (the default) raises at once,
+            None waits as long as it takes. The build is the file's one writer
+            from its start to its end.
         **kwargs
             ``parallelism`` (h5mapper's name: "mp", "threads", "none") and
             :class:`h5py.File` options.
@@ -403,6 +427,12 @@ class TypedFile:
             With ``on_error="raise"``: the first source that failed, naming
             the source, the feature and the cause; every source before it
             stays committed.
+        FileLockedError
+            Another writer holds the file (past ``lock_timeout``); nothing was written.
+        DiskFullError, CommitError
+            A commit failed (no room on the disk, a write the file system refused,
+            a reader keeping the file open): every commit before it stays, and
+            ``mode="a"`` resumes.
         """
         from .ingest import create
 
@@ -419,6 +449,7 @@ class TypedFile:
             progress,
             commit_seconds=commit_seconds,
             timeout=timeout,
+            lock_timeout=lock_timeout,
             **kwargs,
         )
 
@@ -471,10 +502,44 @@ class TypedFile:
         self._get_writer().append(id, result, flat=flat is not None)
 
     def _get_writer(self) -> Writer:
+        self._hold_session()
         if self._writer is None or not self._writer.in_this_process:
             self._writer = Writer(self)
             _WRITING.add(self)  # what it buffers is committed at exit
         return self._writer
+
+    def _hold_session(self) -> None:
+        """Be the file's one writer from this first write until :meth:`close` (see
+        :mod:`h5dask.session`); a session held already (or lent by ``create``) is kept.
+
+        Raises
+        ------
+        FileLockedError
+            Another writer holds the file past :attr:`lock_timeout` seconds.
+        """
+        session = self.__dict__.get("_session")
+        if session is None or not session.held:
+            self._session = WriterSession.acquire(
+                self.filename, self.lock_timeout, self._handle.h5_kwargs
+            )
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Hold the writer session for one call (opening, ``map``), unless it is held already."""
+        session = self.__dict__.get("_session")
+        if session is not None and session.held:
+            yield
+            return
+        self._hold_session()
+        try:
+            yield
+        finally:
+            self._end_session()
+
+    def _end_session(self) -> None:
+        session, self._session = self.__dict__.get("_session"), None
+        if session is not None:
+            session.release()
 
     def _commit(self) -> None:
         """Write what this process's writer buffers, so that reads see it."""
@@ -595,6 +660,7 @@ class TypedFile:
             )
 
     def _write(self, path: str, item: Any, value: Any) -> None:
+        self._hold_session()
         self._commit()
         self._fresh()
         with self._handle.open(write=True) as f:
@@ -654,10 +720,7 @@ class TypedFile:
 
     def _init_schema(self, f: h5py.File) -> None:
         """Create the declared groups and store every feature's ``attrs``."""
-        for path, feature in _walk(self.schema):
-            group = f.require_group(path)
-            if feature.attrs:
-                fmt.write_attrs(group, feature.attrs)
+        init_schema(f, self.schema)
         self._invalidate()
 
     def _init_feature_group(self, f: h5py.File, path: str) -> None:
@@ -709,6 +772,38 @@ def _version(filename: str, h5_kwargs: dict[str, Any]) -> tuple[int, ...] | None
     except OSError:
         return None
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def open_file(
+    filename: str, mode: str, schema: Mapping[str, Feature], h5_kwargs: dict[str, Any]
+) -> h5py.File:
+    """Open ``filename`` for writing in an h5py ``mode`` ("w", "a", "r+", "x"...), labelled
+    as a typed file with the groups and attrs of ``schema``: what a new TypedFile does.
+
+    Raises
+    ------
+    FileFormatError
+        The file is not HDF5, is being written by another process, or is of a newer version.
+    """
+    f = open_h5(filename, mode, **without_chunk_cache(h5_kwargs))
+    try:
+        fmt.check_root(f)  # never relabel a file of a newer version
+        if legacy.is_h5mapper(f):  # nor one of h5mapper
+            raise FileFormatError(_legacy_message(filename))
+        fmt.init_root(f)
+        init_schema(f, schema)
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def init_schema(f: h5py.File, schema: Mapping[str, Feature]) -> None:
+    """Create the groups of ``schema`` in ``f`` and store every feature's ``attrs``."""
+    for path, feature in _walk(schema):
+        group = f.require_group(path)
+        if feature.attrs:
+            fmt.write_attrs(group, feature.attrs)
 
 
 def _flat_arrays(data: Any) -> dict[str, np.ndarray] | None:
