@@ -30,12 +30,12 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import (
     FIRST_COMPLETED,
-    Executor,
     Future,
     ProcessPoolExecutor,
     ThreadPoolExecutor,
     wait,
 )
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -46,7 +46,7 @@ import numpy as np
 from tblib import pickling_support
 from tqdm.auto import tqdm
 
-from .errors import H5DaskError, SchemaError
+from .errors import H5DaskError, SchemaError, WorkerError
 from .extract import flatten, load_schema
 from .feature import Feature
 from .spawning import main_not_reimported
@@ -348,6 +348,7 @@ class Partitions:
         first: int = FIRST_PARTITION,
     ):
         self.ids, self.first = ids, first
+        self.made: list[range] = []  # the partitions made so far, in order
         self._ids_seen = self._bytes_seen = 0
         self._seconds_seen = 0.0
         self.aim(most, nbytes, seconds)
@@ -362,9 +363,10 @@ class Partitions:
         start, ramp = 0, 1
         while start < len(self.ids):
             size = self.size if self._ids_seen else min(self.size, ramp)
-            stop = min(start + size, len(self.ids))
-            yield range(start, stop)
-            start, ramp = stop, 2 * ramp
+            part = range(start, min(start + size, len(self.ids)))
+            self.made.append(part)
+            yield part
+            start, ramp = part.stop, 2 * ramp
 
     def observe(self, packed: Packed) -> None:
         """Size the next partitions from the bytes and seconds per source seen so far."""
@@ -443,16 +445,41 @@ def run_loads(
             head = yield from _while_starting(
                 starting, parts, todo, schema, spill, bar, waiting, timeout
             )
-            where = starting.result()
+            where = _started(starting, schema)
             bar.set_description(f"{desc} ({where.name})")
             parts.aim(most, *_targets(where, spill, window))
             calls = _calls(where, ids, todo, schema, spill, timeout)
-            for packed in _in_order(where.submit, calls, window, head, waiting):
+            first = len(parts.made) - (head is not None)  # the part of the 0th task
+
+            def lost(k: int, error: BaseException) -> WorkerError:
+                return _worker_error(ids, parts.made[first + k], schema, error)
+
+            tasks = _in_order(where.submit, calls, window, head, waiting, where.restart, lost)
+            for packed in tasks:
                 parts.observe(packed)
                 yield packed.unspill()
                 bar.update(len(packed.ids))
                 if where.processes:
                     _release_free_memory()
+
+
+def _started(starting: Future, schema: dict[str, Feature]) -> Scheduler:
+    """The scheduler that ``starting`` started.
+
+    Raises
+    ------
+    WorkerError
+        The embedded cluster did not start (a worker process died as it started).
+    """
+    try:
+        return starting.result()
+    except Exception as exc:  # whatever stopped the cluster's start, as the error's cause
+        cause = (
+            f"the embedded dask cluster did not start ({type(exc).__name__}: {exc}); the "
+            "sources that this process loaded meanwhile are committed: run "
+            "create(..., mode='a') to resume, or pass scheduler='processes' or 'threads'"
+        )
+        raise WorkerError([], list(schema), cause) from exc
 
 
 def _release_free_memory() -> None:
@@ -597,27 +624,91 @@ def _in_order(
     window: int,
     head: Any = None,
     waiting: Callable[[list], None] = _wait_for,
+    restart: Callable[[], None] | None = None,
+    lost: Callable[[int, BaseException], BaseException] | None = None,
 ) -> Iterator[Packed]:
     """The results of ``calls`` (``(fn, *args)`` tuples) in order, at most ``window`` in
     flight, after that of ``head``, a future already running, if given; ``waiting([f])``
-    returns once ``f`` is done (see :func:`_wait_for`)."""
-    queue: deque = deque([] if head is None else [head])
-    todo = iter(calls)
+    returns once ``f`` is done (see :func:`_wait_for`).
+
+    A task whose worker process died (:func:`_lost_worker`; the scheduler of a
+    cluster ran it again already) raises ``lost(k, error)`` for the k-th task
+    (``head`` is the 0th), if given. With ``restart``, the pool that a dead
+    worker broke (every task in flight failed) starts afresh, and the tasks
+    that were in flight run again one at a time: one that fails alone too is
+    lost; a worker that died once, of a cause that does not come back, loses
+    nothing.
+    """
+    queue: deque[list] = deque()  # [k, call, future or None: to submit]; head: no call
+    if head is not None:
+        queue.append([0, None, head])
+    todo = enumerate(calls, start=len(queue))
+    careful = 0  # the first entries run one at a time: they were in flight at a break
+
+    def fill() -> None:
+        limit, running = (1 if careful else window), sum(e[2] is not None for e in queue)
+        for entry in queue:
+            if entry[2] is None and running < limit:
+                entry[2], running = submit(*entry[1]), running + 1
+        while not careful and running < limit and (next_call := next(todo, None)):
+            queue.append([*next_call, submit(*next_call[1])])
+            running += 1
+
     try:
-        for call in todo:
-            queue.append(submit(*call))
-            if len(queue) >= window:
-                break
+        fill()
         while queue:
-            waiting([queue[0]])
-            packed = queue.popleft().result()
-            call = next(todo, None)
-            if call is not None:
-                queue.append(submit(*call))
+            k, call, future = queue[0]
+            waiting([future])
+            try:
+                packed = future.result()
+            except Exception as exc:
+                if not _lost_worker(exc):
+                    raise
+                if restart is None or call is None or careful:
+                    raise (exc if lost is None else lost(k, exc)) from exc
+                log.warning("a worker process died (%s); running its tasks again", exc)
+                restart()
+                for entry in queue:
+                    entry[2] = None
+                careful = len(queue)
+                fill()
+                continue
+            queue.popleft()
+            careful = max(0, careful - 1)
+            fill()
             yield packed
     finally:
-        for future in queue:
-            future.cancel()
+        for entry in queue:
+            if entry[2] is not None:
+                entry[2].cancel()
+
+
+def _lost_worker(error: BaseException) -> bool:
+    """Whether ``error`` says that the worker process of a task died (a crash, an OOM kill,
+    ``os._exit``), or the data the task needed died with the workers that held it."""
+    if isinstance(error, BrokenProcessPool):
+        return True
+    distributed = sys.modules.get("distributed")
+    if distributed is None:
+        return False
+    from distributed.client import FutureCancelledError
+
+    return isinstance(error, (distributed.KilledWorker, FutureCancelledError))
+
+
+def _worker_error(
+    ids: list[str], part: range, schema: dict[str, Feature], error: BaseException
+) -> WorkerError:
+    """The :class:`WorkerError` of the partition ``part`` of ``ids``, lost with its worker."""
+    first = ids[part.start]
+    cause = (
+        f"the worker process loading them died ({type(error).__name__}: {error}), and again "
+        "when it ran them anew: one of these loads crashes its process (a segfault, "
+        "os._exit), runs out of memory, or the workers are killed. Every source before "
+        f"{first!r} is committed; fix or leave out these sources and resume with "
+        "create(..., mode='a'), which skips the committed ones"
+    )
+    return WorkerError(ids[part.start : part.stop], list(schema), cause)
 
 
 def _calls(
@@ -762,8 +853,9 @@ class Scheduler:
     ``submit(fn, *args)`` returns a future; ``workers`` run at once;
     ``processes``: they are other processes (the schema travels pickled);
     ``local``: processes of this machine (results can go through shared memory);
-    ``share(obj)``: where it exists, puts ``obj`` on every worker once and
-    returns a reference that tasks take in its place.
+    ``share(obj)``: where it exists, puts ``obj`` on the workers once and
+    returns a reference that tasks take in its place; ``restart()``: where
+    it exists, starts the pool afresh once a dead worker process broke it.
     """
 
     submit: Callable
@@ -772,6 +864,7 @@ class Scheduler:
     processes: bool
     local: bool
     share: Callable[[Any], Any] | None = None
+    restart: Callable[[], None] | None = None
 
 
 @contextmanager
@@ -804,10 +897,10 @@ def _scheduler(scheduler: Any, n_workers: int) -> Iterator[Scheduler]:
     """The :class:`Scheduler` that ``scheduler`` names, shut down afterwards if started here."""
     if isinstance(scheduler, str) and scheduler in LOCAL:
         kind = LOCAL[scheduler]
-        with _local_pool(kind, n_workers) as submit:
+        with _local_pool(kind, n_workers) as (submit, restart):
             workers = 1 if kind == "sync" else n_workers
             processes = kind == "processes"
-            yield Scheduler(submit, workers, kind, processes, processes)
+            yield Scheduler(submit, workers, kind, processes, processes, restart=restart)
         return
     with _client(scheduler) as client:
         yield _on_client(client)
@@ -818,7 +911,7 @@ def _on_client(client: Any) -> Scheduler:
     count = max(1, sum(w.get("nthreads", 1) for w in workers.values()))
     link = getattr(client, "dashboard_link", None)
     name = f"dask {link}" if link else "dask"
-    submit, share = _distributed_submit(client), _scatterer(client)
+    submit, share = _distributed_submit(client), _sharer(client)
     return Scheduler(submit, count, name, True, _all_local(workers), share)
 
 
@@ -829,37 +922,46 @@ def _all_local(workers: dict[str, Any]) -> bool:
 
 
 @contextmanager
-def _local_pool(kind: str, n_workers: int) -> Iterator[Callable]:
+def _local_pool(kind: str, n_workers: int) -> Iterator[tuple[Callable, Callable | None]]:
+    """``(submit, restart)`` of a pool of ``kind`` (``restart`` is None but for processes)."""
     if kind == "sync":
-        yield _SyncSubmit()
+        yield _SyncSubmit(), None
         return
-    pool: Executor
-    throttle = Throttle(n_workers) if kind == "threads" else None
-    if throttle is not None:
-        pool = ThreadPoolExecutor(n_workers)
-        submit = functools.partial(pool.submit, throttle.run)
-    else:
-        import multiprocessing
-
-        method = dask.config.get("multiprocessing.context", "spawn")
-        pool = ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context(method))
-        submit = _cloudpickling(pool)
+    if kind == "processes":
+        processes = _ProcessPool(n_workers)
+        try:
+            with main_not_reimported():  # the pool starts its processes on the first submits
+                yield processes.submit, processes.restart
+        finally:
+            processes.pool.shutdown(wait=True, cancel_futures=True)
+        return
+    throttle = Throttle(n_workers)
+    pool = ThreadPoolExecutor(n_workers)
     try:
-        with main_not_reimported():  # the pool starts its processes on the first submits
-            yield submit
+        yield functools.partial(pool.submit, throttle.run), None
     finally:
-        if throttle is not None:
-            throttle.close()
+        throttle.close()
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _cloudpickling(pool: Executor) -> Callable:
-    """Submit tasks with cloudpickle, as dask does: features of a notebook or a function work."""
+class _ProcessPool:
+    """A process pool that cloudpickles its tasks, as dask does (features of a notebook or
+    a function work), and starts afresh once a worker process that died broke it."""
 
-    def submit(fn: Callable, *args: Any) -> Any:
-        return pool.submit(_run_pickled, cloudpickle.dumps((fn, args), protocol=5))
+    def __init__(self, n_workers: int):
+        import multiprocessing
 
-    return submit
+        method = dask.config.get("multiprocessing.context", "spawn")
+        self.context, self.n_workers = multiprocessing.get_context(method), n_workers
+        self.pool = ProcessPoolExecutor(n_workers, mp_context=self.context)
+
+    def submit(self, fn: Callable, *args: Any) -> Future:
+        return self.pool.submit(_run_pickled, cloudpickle.dumps((fn, args), protocol=5))
+
+    def restart(self) -> None:
+        """A new pool in place of this one, whose futures are all failed or cancelled."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pool = ProcessPoolExecutor(self.n_workers, mp_context=self.context)
 
 
 def _run_pickled(payload: bytes) -> Any:
@@ -948,13 +1050,23 @@ def _worker_start_method() -> str:
     return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else method
 
 
-def _scatterer(client: Any) -> Callable[[Any], Any]:
-    """``share(obj)``: a future of ``obj`` held by every worker."""
+def _sharer(client: Any) -> Callable[[Any], Any]:
+    """``share(obj)``: a future of ``obj``, made by a task that returns it.
+
+    Not scattered: data scattered to the workers is lost with them, and every
+    task needing it then fails (``FutureCancelledError``) once each worker
+    holding it died; the task that returns ``obj`` runs again instead, as the
+    scheduler keeps it (a copy of ``obj`` while the future lives).
+    """
 
     def share(obj: Any) -> Any:
-        return client.scatter([obj], broadcast=True, hash=False)[0]
+        return client.submit(_given, obj, pure=False)
 
     return share
+
+
+def _given(obj: Any) -> Any:
+    return obj
 
 
 def _distributed_submit(client: Any) -> Callable:

@@ -24,6 +24,7 @@ __all__ = [
     "CommitError",
     "FileLockedError",
     "StaleFileError",
+    "WorkerError",
 ]
 
 
@@ -173,3 +174,35 @@ class StaleFileError(H5DaskError):
 
     def __reduce__(self):
         return type(self), (self.filename, self.feature, self.cause)
+
+
+class WorkerError(H5DaskError):
+    """Worker processes died while loading sources (a feature crashed them, they ran out of
+    memory or were killed) and running the loads again did not help, or the embedded
+    cluster did not start. What was committed before stays; ``mode="a"`` resumes.
+
+    Parameters
+    ----------
+    sources : list of str
+        The sources whose loads were running (empty if none was).
+    features : list of str
+        The features of the schema (which one was running died with its process).
+    cause : str
+        What happened, in words.
+    """
+
+    def __init__(self, sources: list[str], features: list[str], cause: str):
+        self.sources = sources
+        self.features = features
+        self.cause = cause
+        names = ", ".join(map(repr, features))
+        if not sources:
+            what = f"features {names}"
+        elif len(sources) == 1:
+            what = f"source {sources[0]!r}, features {names}"
+        else:
+            what = f"sources {sources[0]!r} to {sources[-1]!r} ({len(sources)}), features {names}"
+        super().__init__(f"{what}: {cause}")
+
+    def __reduce__(self):
+        return type(self), (self.sources, self.features, self.cause)

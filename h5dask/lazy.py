@@ -581,7 +581,11 @@ def map_sources(
     schema = _nest({out: MappedFunction(f, source, out) for out, f in fdict.items()})
     todo = _todo(proxy, destination, list(fdict))
     writer_file = _writer_file(destination) if same else destination
-    _ingest(writer_file, todo, schema, n_workers, scheduler, on_error, progress, desc="map")
+    # into the file the workers read, a commit fails the reads it meets: commit per 16 MiB
+    cadence = {"commit_seconds": None} if same else {}
+    _ingest(
+        writer_file, todo, schema, n_workers, scheduler, on_error, progress, desc="map", **cadence
+    )
     destination.refresh()
     return destination
 

@@ -291,10 +291,10 @@ def test_many_partitions_are_written_in_id_order(tmp_path, client):
 def test_a_cluster_gets_the_ids_in_bulks_not_all_at_once(tmp_path, client, monkeypatch):
     """Partitions below, at and above the bulk size: each names its ids within its bulk."""
     monkeypatch.setattr(engine, "SHARED_BYTES", 50 * (8 + 5))  # ~50 ids like "3:123"
-    scatterer, bulks = engine._scatterer, []
+    sharer, bulks = engine._sharer, []
 
     def counting(client):
-        share = scatterer(client)
+        share = sharer(client)
 
         def counted(obj):
             if isinstance(obj, engine.IdTable):
@@ -303,7 +303,7 @@ def test_a_cluster_gets_the_ids_in_bulks_not_all_at_once(tmp_path, client, monke
 
         return counted
 
-    monkeypatch.setattr(engine, "_scatterer", counting)
+    monkeypatch.setattr(engine, "_sharer", counting)
     sources = [f"{n}:{k}" for k, n in enumerate(np.random.default_rng(1).integers(0, 9, 700))]
     reference = build(tmp_path / "sync.h5", sources, {"x": Ragged()}, scheduler="sync")
     build(tmp_path / "client.h5", sources, {"x": Ragged()}, scheduler=client)

@@ -7,13 +7,20 @@ through ``ctypes``. Features are at module level so that worker processes import
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
+import threading
 import time
 
+import dask
+import distributed
 import numpy as np
+import psutil
 import pytest
 
 import h5dask as h5m
-from h5dask.errors import LoadTimeoutError
+from h5dask.errors import LoadTimeoutError, WorkerError
 
 SOURCES = [f"s{i:03d}" for i in range(40)]
 
@@ -75,3 +82,103 @@ def test_timeouts_and_commit_cadences_must_be_positive_seconds(tmp_path, bad):
     for option in ("timeout", "commit_seconds"):
         with pytest.raises(ValueError, match=f"{option} must be a number of seconds > 0"):
             build(tmp_path / "v.h5", scheduler="sync", **{option: bad})
+
+
+# -- workers that die ---------------------------------------------------------------------
+
+
+class Crashes(h5m.Feature):
+    """``s050`` crashes its process while the file ``marker`` exists: a segfault through
+    ctypes, or (``once``) ``os._exit`` after removing the marker, so that a rerun succeeds."""
+
+    def __init__(self, marker: str, once: bool = False):
+        self.marker, self.once = marker, once
+
+    def load(self, source):
+        if source == "s050" and os.path.exists(self.marker):
+            if self.once:
+                os.remove(self.marker)
+                os._exit(1)
+            ctypes.string_at(0)  # reads address 0: SIGSEGV
+        time.sleep(0.002)
+        return np.full(2, int(source[1:]), dtype=np.int64)
+
+
+MANY = [f"s{i:03d}" for i in range(200)]
+
+
+def crash_build(path, marker, scheduler, once=False, mode="w"):
+    schema = {"x": Crashes(str(marker), once)}
+    return h5m.TypedFile.create(
+        path, MANY, schema=schema, scheduler=scheduler, n_workers=2, progress=False, mode=mode
+    )
+
+
+@pytest.fixture
+def cluster_of_processes():
+    """A LocalCluster of 2 worker processes that gives up on a task after 2 worker deaths."""
+    with (
+        dask.config.set({"distributed.scheduler.allowed-failures": 1}),
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cluster,
+        distributed.Client(cluster, set_as_default=False) as client,
+    ):
+        yield client
+
+
+@pytest.mark.parametrize("where", ["processes", "cluster"])
+def test_a_feature_that_segfaults_names_its_sources_and_the_build_resumes(tmp_path, where, request):
+    scheduler = request.getfixturevalue("cluster_of_processes") if where == "cluster" else where
+    marker, path = tmp_path / "crash", tmp_path / "c.h5"
+    marker.touch()
+    named = r"sources 's0\d\d' to 's0\d\d' \(\d+\), features 'x'"
+    with pytest.raises(WorkerError, match=named) as e:
+        crash_build(path, marker, scheduler)
+    error = e.value
+    assert "s050" in error.sources and error.features == ["x"]
+    assert "mode='a'" in str(error) and f"before {error.sources[0]!r} is committed" in str(error)
+    assert h5m.TypedFile(path).ids.tolist() == MANY[: MANY.index(error.sources[0])]
+    marker.unlink()
+    crash_build(path, marker, scheduler, mode="a")
+    file = h5m.TypedFile(path)
+    assert file.ids.tolist() == MANY and file.get("s199")["x"].tolist() == [199, 199]
+
+
+def test_a_worker_process_that_died_once_loses_nothing(tmp_path):
+    marker = tmp_path / "exit"
+    marker.touch()
+    file = crash_build(tmp_path / "o.h5", marker, "processes", once=True)
+    assert not marker.exists()  # s050's load did exit its process
+    assert file.ids.tolist() == MANY and file.get("s050")["x"].tolist() == [50, 50]
+
+
+def test_every_worker_of_a_cluster_killed_loses_nothing(tmp_path, cluster_of_processes):
+    """Their replacements run the tasks again, and get the ids and features again (as
+    data scattered to the dead workers, they were lost: FutureCancelledError)."""
+    client = cluster_of_processes
+    pids = list(client.run(os.getpid).values())
+    marker = tmp_path / "never"
+    killer = threading.Timer(1.0, lambda: [os.kill(pid, signal.SIGKILL) for pid in pids])
+    killer.start()
+    slow = [f"s{i:03d}" for i in range(400)]
+    schema = {"x": Crashes(str(marker)), "wait": Hangs()}  # 20 ms a source
+    file = h5m.TypedFile.create(
+        tmp_path / "k.h5", slow, schema=schema, scheduler=client, progress=False
+    )
+    killer.join()
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
+    assert file.ids.tolist() == slow and file.get("s399")["x"].tolist() == [399, 399]
+
+
+def test_an_embedded_cluster_whose_workers_die_as_it_starts_is_a_named_error(tmp_path):
+    preload = tmp_path / "die_at_start.py"
+    preload.write_text("import os\nos._exit(3)\n")
+    with (
+        dask.config.set({"distributed.worker.preload": [str(preload)]}),
+        pytest.raises(WorkerError, match="the embedded dask cluster did not start") as e,
+    ):
+        h5m.TypedFile.create(
+            tmp_path / "s.h5", SOURCES, schema={"x": Label()}, progress=False, n_workers=1
+        )
+    assert "mode='a'" in str(e.value) and e.value.__cause__ is not None
