@@ -46,7 +46,7 @@ import numpy as np
 from tblib import pickling_support
 from tqdm.auto import tqdm
 
-from .errors import H5DaskError, SchemaError, WorkerError
+from .errors import H5DaskError, SchemaError, WorkerError, describe
 from .extract import flatten, load_schema
 from .feature import Feature
 from .spawning import main_not_reimported
@@ -209,7 +209,7 @@ def _portable(error: H5DaskError) -> None:
         pickle.loads(pickle.dumps(error))
     except Exception:
         cause = error.__cause__
-        text = f"{type(cause).__qualname__}: {cause} (the original exception could not be pickled)"
+        text = f"{describe(cause)} (the original exception could not be pickled)"
         error.__cause__ = RuntimeError(text).with_traceback(getattr(cause, "__traceback__", None))
         error.__context__ = None
 
@@ -265,7 +265,7 @@ def _unpickle_schema(payload: bytes) -> dict[str, Feature]:
         return cloudpickle.loads(payload)
     except Exception as exc:
         raise SchemaError(
-            f"the workers cannot load the features ({type(exc).__name__}: {exc}); make their "
+            f"the workers cannot load the features ({describe(exc)}); make their "
             "module importable on the workers (install it, or set PYTHONPATH), or define them "
             "in the script or notebook that calls create()"
         ) from exc

@@ -25,6 +25,7 @@ __all__ = [
     "FileLockedError",
     "StaleFileError",
     "WorkerError",
+    "describe",
 ]
 
 
@@ -206,3 +207,23 @@ class WorkerError(H5DaskError):
 
     def __reduce__(self):
         return type(self), (self.sources, self.features, self.cause)
+
+
+def describe(exc: BaseException) -> str:
+    """``"TypeName: message"`` of ``exc``, even when its ``str()`` raises.
+
+    Examples
+    --------
+    >>> describe(ValueError("no good"))
+    'ValueError: no good'
+    >>> class Odd(Exception):
+    ...     def __str__(self):
+    ...         raise RuntimeError("no str")
+    >>> describe(Odd())
+    'Odd: <str() of the exception raised RuntimeError>'
+    """
+    try:
+        message = str(exc)
+    except Exception as failed:
+        message = f"<str() of the exception raised {type(failed).__name__}>"
+    return f"{type(exc).__name__}: {message}"

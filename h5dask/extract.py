@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import LoadError, ResultTypeError, SourceFeatureError
+from . import format as fmt
+from .errors import LoadError, ResultTypeError, SourceFeatureError, describe
 
 __all__ = ["load_schema", "may_load", "normalize", "flatten", "feature_running"]
 
@@ -98,7 +99,7 @@ def _call_load(feature: Any, arg: Any, source: Any, path: str) -> Any:
     except SourceFeatureError:
         raise
     except Exception as exc:
-        raise LoadError(str(source), path, f"load() raised {type(exc).__name__}: {exc}") from exc
+        raise LoadError(str(source), path, f"load() raised {describe(exc)}") from exc
 
 
 def feature_running(frame: FrameType | None) -> str | None:
@@ -129,6 +130,9 @@ def normalize(value: Any, source: Any = "", path: str = "") -> Any:
         return None
     if isinstance(value, Mapping):
         return _normalize_dict(value, source, path)
+    if isinstance(value, (str, bytes)) and (problem := fmt.text_problem(value)):
+        kind = "str" if isinstance(value, str) else "bytes"
+        raise ResultTypeError(str(source), path, f"load() returned a {kind} value that {problem}")
     if isinstance(value, (str, bytes, bool, int, float, complex, np.generic)):
         return np.array([value])
     if isinstance(value, np.ndarray):
@@ -161,6 +165,9 @@ def _normalize_array(array: np.ndarray, source: Any, path: str) -> np.ndarray:
         )
     if array.dtype.kind == "V" and array.dtype.fields is None:
         raise ResultTypeError(str(source), path, f"load() returned an array of dtype {array.dtype}")
+    problem = fmt.rows_problem(array)
+    if problem:
+        raise ResultTypeError(str(source), path, problem)
     return array.reshape(1) if array.ndim == 0 else array
 
 

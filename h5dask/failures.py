@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 
 from . import format as fmt
+from .errors import describe
 
 __all__ = ["Failure", "record_failures", "read_failures"]
 
@@ -31,7 +32,7 @@ class Failure:
         (an undecodable file name) are written as escapes.
         """
         feature = getattr(error, "feature", "")
-        message = getattr(error, "cause", None) or f"{type(error).__name__}: {error}"
+        message = getattr(error, "cause", None) or describe(error)
         storable = message.encode("utf-8", "backslashreplace").decode("utf-8").replace("\0", "\\0")
         return cls(getattr(error, "source", source), feature, storable)
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -16,7 +17,7 @@ import h5py
 import numpy as np
 
 from . import legacy
-from .errors import ExternalFileError, FileFormatError
+from .errors import ExternalFileError, FileFormatError, describe
 
 FORMAT = "h5dask"
 FORMAT_VERSION = 1
@@ -30,6 +31,7 @@ CHUNK_BYTES = 1 << 20
 MIN_CHUNK_BYTES = 16 << 10
 FIRST_SOURCES_PER_CHUNK = 1024
 TABLE_CHUNK_ROWS = 16384
+MAX_RANK = 32  # dimensions of an HDF5 dataset
 
 UTF8 = h5py.string_dtype("utf-8")
 BYTES = h5py.string_dtype("ascii")
@@ -316,6 +318,156 @@ def item_nbytes(dtype: np.dtype) -> int:
     return 64 if is_string_dtype(dtype) else max(1, dtype.itemsize)
 
 
+def text_problem(text: str | bytes) -> str | None:
+    """Why an HDF5 string cannot hold ``text`` as it is, or None.
+
+    HDF5 strings end at the first NUL and hold UTF-8 (numpy, for its part, cuts
+    the NULs that end a ``bytes`` or ``str`` it turns into an array).
+
+    Examples
+    --------
+    >>> text_problem("é") is None
+    True
+    >>> text_problem(b"ab\\0")
+    'holds a NUL byte at offset 2, which HDF5 strings cannot store; store binary data as \
+an array of bytes: np.frombuffer(data, np.uint8)'
+    """
+    if isinstance(text, bytes):
+        at = text.find(b"\0")
+        if at < 0:
+            return None
+        return (
+            f"holds a NUL byte at offset {at}, which HDF5 strings cannot store; store binary "
+            "data as an array of bytes: np.frombuffer(data, np.uint8)"
+        )
+    at = text.find("\0")
+    if at >= 0:
+        return (
+            f"holds a NUL character at offset {at}, which HDF5 strings cannot store; remove "
+            "it, or store the bytes: np.frombuffer(text.encode('utf-8'), np.uint8)"
+        )
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (
+            f"holds {text[exc.start]!r} at offset {exc.start}, a lone surrogate that UTF-8 "
+            "cannot encode (text decoded with errors='surrogateescape', such as a file name "
+            "in another encoding?); decode its bytes with their encoding, or store them: "
+            "np.frombuffer(text.encode('utf-8', 'surrogateescape'), np.uint8)"
+        )
+    return None
+
+
+def strings_problem(array: np.ndarray) -> str | None:
+    """Why HDF5 strings cannot hold every element of ``array`` (of str or bytes), or None.
+
+    Examples
+    --------
+    >>> strings_problem(np.array(["a", "b\\0c"])).split(",")[0]
+    'element [1] holds a NUL character at offset 1'
+    """
+    items = array.ravel().tolist()  # fixed-width elements lose the NULs that pad them
+    if array.dtype.kind == "S":
+        if b"\0" not in b"".join(items):
+            return None
+    elif all(type(item) is str for item in items) and text_problem("".join(items)) is None:
+        return None  # one check of all the text: the common case
+    first, problem = next(
+        (k, text_problem(item)) for k, item in enumerate(items)
+        if isinstance(item, (str, bytes)) and text_problem(item)
+    )  # fmt: skip
+    index = ", ".join(map(str, np.unravel_index(first, array.shape)))
+    return f"element [{index}] {problem}"
+
+
+def rows_problem(array: np.ndarray) -> str | None:
+    """Why a feature cannot store arrays like ``array`` (its dtype, its shape past axis 0),
+    or None.
+
+    Examples
+    --------
+    >>> rows_problem(np.zeros((3, 0))).split(":")[0]
+    'an array of shape (3, 0) cannot be stored'
+    """
+    if array.ndim > MAX_RANK:
+        return (
+            f"an array of {array.ndim} dimensions cannot be stored: HDF5 datasets have at "
+            f"most {MAX_RANK}; store array.reshape(len(array), -1) and the shape apart"
+        )
+    if 0 in array.shape[1:]:
+        return (
+            f"an array of shape {array.shape} cannot be stored: an axis of length 0 past the "
+            "first leaves HDF5 no chunk to store rows in; return None for no data"
+        )
+    if array.dtype.kind == "M":
+        return (
+            f"{array.dtype} values cannot be stored: HDF5 has no date type; store "
+            "array.astype('int64') (and the unit apart) or np.datetime_as_string(array)"
+        )
+    if array.dtype.kind == "m":
+        return (
+            f"{array.dtype} values cannot be stored: HDF5 has no duration type; store "
+            "array.astype('int64') (and the unit apart)"
+        )
+    return None
+
+
+def dataset_problem(like: np.ndarray, ds_kwargs: dict[str, Any]) -> str | None:
+    """Why HDF5 refuses the ``values`` dataset of a feature of arrays ``like`` this one
+    created with ``ds_kwargs``, or None: :func:`create_feature` tried in a file in memory.
+
+    Examples
+    --------
+    >>> dataset_problem(np.zeros((1, 3)), {"compression": "gzip"}) is None
+    True
+    >>> dataset_problem(np.zeros((1, 3)), {"compression": "nope"}).split(";")[0]
+    'HDF5 cannot create its dataset (ValueError: Compression filter "nope" is unavailable)'
+    """
+    name = f"h5dask-trial-{uuid.uuid4().hex}.h5"
+    with h5py.File(name, "w", driver="core", backing_store=False) as f:
+        try:
+            create_feature(f, "feature", like, like.nbytes, ds_kwargs, 0)
+        except (TypeError, ValueError, AttributeError) as exc:  # h5py's, for bad keywords,
+            # filters and dtypes (AttributeError: a number as the fill value of strings)
+            hint = _FILTER_HINT if "filter" in str(exc) else ""
+            return f"HDF5 cannot create its dataset ({describe(exc)}){hint}"
+    return None
+
+
+_FILTER_HINT = "; filters such as zstd, lz4 or blosc come with hdf5plugin (install and import it)"
+
+
+def ds_kwargs_problem(ds_kwargs: dict[str, Any]) -> str | None:
+    """Why no feature can be created with ``ds_kwargs`` (an unknown compression filter or
+    keyword, a dtype HDF5 has no type for...), whatever arrays it holds, or None.
+
+    Without a ``dtype`` in ``ds_kwargs``, they must fit one of numbers or strings (a filter
+    such as ``scaleoffset`` takes numbers only); ``chunks``, which depend on the arrays'
+    shape, are checked at the first write.
+
+    Examples
+    --------
+    >>> ds_kwargs_problem({"compression": "lzf", "shuffle": True}) is None
+    True
+    >>> ds_kwargs_problem({"compresion": "gzip"})
+    "HDF5 cannot create its dataset (TypeError: make_new_dset() got an unexpected keyword \
+argument 'compresion')"
+    """
+    kwargs = {k: v for k, v in ds_kwargs.items() if k != "chunks"}
+    if not kwargs:
+        return None
+    likes = [np.empty(1)] if "dtype" in kwargs else [np.empty(1), np.empty(1, int), np.array([""])]
+    first = None
+    for like in likes:
+        problem = dataset_problem(like, kwargs)
+        if problem is None:
+            return None
+        first = first or problem
+    return first
+
+
 def default_chunks(
     trailing: tuple[int, ...], dtype: np.dtype, first_nbytes: int = CHUNK_BYTES
 ) -> tuple[int, ...]:
@@ -488,8 +640,57 @@ def trim_uncommitted(f: h5py.File, feature_paths: list[str], allow_external: boo
             group[VALUES].resize(stop, axis=0)
 
 
+def attrs_problem(attrs: Any) -> str | None:
+    """Why :func:`write_attrs` cannot store ``attrs`` so that they read back equal, or None.
+
+    Examples
+    --------
+    >>> attrs_problem({"sr": 22050, "labels": ["a", "b"], "opts": {"k": None}}) is None
+    True
+    >>> attrs_problem({"opts": {1: "a"}})
+    "attrs['opts'] has the key 1 (int), which JSON turns into a str; use str keys"
+    """
+    if not isinstance(attrs, Mapping):
+        return f"attrs are a {type(attrs).__qualname__}, not a dict"
+    for key, value in attrs.items():
+        if not isinstance(key, str) or not key or key == JSON_ATTRS or text_problem(key):
+            return f"attrs have the key {key!r}, which cannot name an HDF5 attribute"
+        if _native_attr(value) is None:
+            problem = _json_problem(value, f"attrs[{key!r}]")
+            if problem:
+                return problem
+    return None
+
+
+def _json_problem(value: Any, where: str) -> str | None:
+    """Why ``value`` does not come back equal from JSON (tuples aside, which come back as
+    lists, as HDF5 arrays do), or None."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return None
+    if isinstance(value, (list, tuple)):
+        problems = (_json_problem(v, f"{where}[{k}]") for k, v in enumerate(value))
+        return next((p for p in problems if p), None)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return (
+                    f"{where} has the key {key!r} ({type(key).__qualname__}), which JSON turns "
+                    "into a str; use str keys"
+                )
+            problem = _json_problem(item, f"{where}[{key!r}]")
+            if problem:
+                return problem
+        return None
+    hint = ".tolist()" if isinstance(value, (np.ndarray, np.generic)) else "list, str, int..."
+    return (
+        f"{where} is a {type(value).__qualname__}, which HDF5 attributes and JSON cannot "
+        f"store; convert it ({hint})"
+    )
+
+
 def write_attrs(obj: h5py.HLObject, attrs: dict[str, Any]) -> None:
-    """Store ``attrs`` as HDF5 attributes; values HDF5 cannot hold natively go as JSON."""
+    """Store ``attrs`` as HDF5 attributes; values HDF5 cannot hold natively go as JSON
+    (check them first with :func:`attrs_problem`)."""
     encoded = [k for k in obj.attrs.get(JSON_ATTRS, []) if k not in attrs]
     for key, value in attrs.items():
         native = _native_attr(value)
@@ -546,12 +747,22 @@ def _short(value: Any, limit: int = 60) -> str:
 
 
 def _native_attr(value: Any) -> Any:
-    if isinstance(value, (bool, int, float, str, np.generic)):
+    """``value`` as HDF5 stores it natively, or None: it goes as JSON (which escapes what
+    an HDF5 string cannot hold)."""
+    if isinstance(value, str):
+        return None if text_problem(value) else str(value)  # np.str_ has no HDF5 type
+    if isinstance(value, (bool, int, float)) or (
+        isinstance(value, np.generic) and value.dtype.kind in "biufc"
+    ):
+        return value
+    if isinstance(value, np.bytes_) and b"\0" not in value:
         return value
     if isinstance(value, (list, tuple)) and value and len({_scalar_kind(v) for v in value}) == 1:
         array = np.asarray(value)
-        if array.ndim == 1 and array.dtype.kind in "biufU":
-            return array if array.dtype.kind != "U" else array.astype(object)
+        if array.ndim == 1 and array.dtype.kind in "biuf":
+            return array
+        if array.ndim == 1 and array.dtype.kind == "U" and not strings_problem(array):
+            return array.astype(object)
     return None
 
 

@@ -11,20 +11,21 @@ import h5py
 
 from . import format as fmt
 from .engine import Packed, check_scheduler, loads_here, run_loads
-from .errors import ConcatError, SchemaError, SourceError
+from .errors import ConcatError, ResultTypeError, SchemaError, SourceError
 from .extract import may_load
 from .failures import Failure, read_failures, record_failures
 from .feature import Feature
 from .session import WriterSession
 from .sources import expand_sources, memory_source
 from .spawning import refuse_reimported_main
-from .typed_file import TypedFile, _check_schema, open_file
+from .typed_file import TypedFile, _check_schema, check_storable, open_file
 from .writer import Writer
 
 __all__ = ["create"]
 
 ON_ERROR = ("raise", "skip")
 COMMIT_SECONDS = 2.0  # of loading that a killed build can lose, by default
+REFUSED = (ConcatError, ResultTypeError)  # what the writer refuses a result with, buffering none
 PARALLELISM = {"mp": "processes", "threads": "threads", "none": "sync", "future": "threads"}
 
 
@@ -60,10 +61,11 @@ def create(
     scheduler = _for_memory_sources(ids, scheduler)
     session = WriterSession.acquire(os.fspath(filename), lock_timeout, h5_kwargs)
     try:  # the one writer of the file from here to the end: the ids skipped are the truth
-        file = _open(cls, os.fspath(filename), mode, schema, h5_kwargs)
-        file._session = session
         for feature in schema.values():
             feature.before_create(ids)
+        check_storable(schema)  # attrs as before_create left them, before mode "w" truncates
+        file = _open(cls, os.fspath(filename), mode, schema, h5_kwargs)
+        file._session = session
         todo = _not_committed(file, ids)
         file._invalidate()  # read again after the build, not extended commit by commit
         with file._handle.open(write=True) as f:
@@ -242,7 +244,7 @@ def _write_packed(writer: Writer, packed: Packed, on_error: str, failures: list[
         try:
             writer.append_block(packed.ids, packed.values, packed.rows)
             return
-        except ConcatError:  # a result does not fit: a commit's failure is never caught here
+        except REFUSED:  # a result does not fit: a commit's failure is never caught here
             pass  # find, in id order, which ids fail and why
     for id, result in packed:
         if isinstance(result, Exception):
@@ -250,7 +252,7 @@ def _write_packed(writer: Writer, packed: Packed, on_error: str, failures: list[
             continue
         try:
             writer.append(id, result, flat=True, owned=True)
-        except ConcatError as exc:
+        except REFUSED as exc:
             _fail(exc, id, on_error, failures)
 
 

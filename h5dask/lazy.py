@@ -43,6 +43,7 @@ from .errors import (
     ReadOnlyError,
     StaleFileError,
     UnknownIdError,
+    describe,
 )
 from .feature import Feature, Group
 from .handle import FileHandle, as_reader, open_h5
@@ -543,7 +544,7 @@ class MappedFunction(Feature):
             return self.func(data)
         except Exception as exc:
             name = getattr(self.func, "__qualname__", repr(self.func))
-            cause = f"{name}() on {self.source.feature!r} raised {type(exc).__name__}: {exc}"
+            cause = f"{name}() on {self.source.feature!r} raised {describe(exc)}"
             raise LoadError(source, self.output, cause) from exc
 
 

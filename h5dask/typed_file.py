@@ -25,7 +25,7 @@ from .proxy import DatasetProxy, GroupProxy, Proxy
 from .session import WriterSession
 from .writer import Commit, Writer
 
-__all__ = ["TypedFile", "Failure"]
+__all__ = ["TypedFile", "Failure", "check_storable"]
 
 MODES = ("r", "r+", "a", "w", "w-", "x")
 _WRITING: weakref.WeakSet[TypedFile] = weakref.WeakSet()
@@ -105,6 +105,8 @@ class TypedFile:
         self.schema: dict[str, Feature] = (
             _check_schema(schema, type(self)) if schema else dict(self.__schema__)
         )
+        if mode != "r":
+            check_storable(self.schema)
         if h5_kwargs.get("driver") == "core" and not h5_kwargs.get("backing_store", True):
             keep_open = True  # an in-memory file lives only as long as its handle
         self._handle = FileHandle(
@@ -807,7 +809,8 @@ def init_schema(f: h5py.File, schema: Mapping[str, Feature]) -> None:
 
 
 def _flat_arrays(data: Any) -> dict[str, np.ndarray] | None:
-    """``data`` itself when it is already a flat dict of storable arrays (the fast path of add)."""
+    """``data`` itself when it is already a flat dict of storable arrays (the fast path of add;
+    :func:`~h5dask.extract.normalize` says why others are not)."""
     if type(data) is not dict:
         return None
     for key, value in data.items():
@@ -815,6 +818,7 @@ def _flat_arrays(data: Any) -> dict[str, np.ndarray] | None:
             type(value) is not np.ndarray
             or not value.ndim
             or value.dtype.kind in "OV"
+            or fmt.rows_problem(value)
             or type(key) is not str
             or not key
             or "/" in key
@@ -889,6 +893,40 @@ def _api_owner(cls: type, name: str) -> str | None:
     for klass in cls.__mro__:
         if name in vars(klass) and not isinstance(vars(klass)[name], Feature):
             return klass.__qualname__
+    return None
+
+
+def check_storable(schema: Mapping[str, Feature]) -> None:
+    """Refuse features whose ``__ds_kwargs__`` no dataset can be created with (an unknown
+    compression filter or keyword) or whose ``attrs`` cannot be stored: checked before a
+    file is written and before any ``load`` runs, as these fail whatever the sources.
+
+    Raises
+    ------
+    SchemaError
+        Naming the feature and the cause.
+    """
+    for path, feature in _walk(schema):
+        problem = _kwargs_problem(getattr(feature, "__ds_kwargs__", None) or {})
+        if problem:
+            raise SchemaError(f"feature {path!r}: __ds_kwargs__: {problem}")
+        problem = fmt.attrs_problem(feature.attrs)
+        if problem:
+            raise SchemaError(f"feature {path!r}: {problem}")
+
+
+def _kwargs_problem(ds_kwargs: Mapping[str, Any], where: str = "") -> str | None:
+    """:func:`format.ds_kwargs_problem` of ``ds_kwargs`` and of those it holds for the keys
+    of a dict that ``load`` returns (see :meth:`TypedFile._ds_kwargs`)."""
+    flat = {k: v for k, v in ds_kwargs.items() if not isinstance(v, dict)}
+    problem = fmt.ds_kwargs_problem(flat)
+    if problem:
+        return f"{where}{problem}"
+    for key, nested in ds_kwargs.items():
+        if isinstance(nested, dict):
+            problem = _kwargs_problem(nested, f"{where}[{key!r}] ")
+            if problem:
+                return problem
     return None
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from numpy import ndarray  # a global name: add's fast path checks every array against it
 
 from . import format as fmt
-from .errors import CommitError, ConcatError, DiskFullError
+from .errors import CommitError, ConcatError, DiskFullError, H5DaskError, ResultTypeError
 from .extract import flatten
 from .handle import forks
 from .index import IdIndex, utf8_keys
@@ -55,7 +55,8 @@ class Spec:
         return fmt.is_string_dtype(self.dtype)
 
     def check(self, array: np.ndarray, source: str, feature: str) -> np.ndarray:
-        """Return ``array`` cast to this spec, or raise :class:`ConcatError`."""
+        """Return ``array`` cast to this spec, or raise :class:`ConcatError` (it does not fit)
+        or :class:`ResultTypeError` (HDF5 strings cannot hold some of its text)."""
         if array.shape[1:] != self.trailing:
             raise ConcatError(
                 source,
@@ -66,6 +67,9 @@ class Spec:
         if self.is_string:
             if array.dtype.kind not in "UOTS":
                 raise ConcatError(source, feature, f"{array.dtype} values in a string dataset")
+            problem = fmt.strings_problem(array)
+            if problem:
+                raise ResultTypeError(source, feature, problem)
             return array
         if array.dtype.kind in "UOTS":
             raise ConcatError(source, feature, f"strings in a dataset of dtype {self.dtype}")
@@ -239,15 +243,20 @@ class Writer:
 
         Raises
         ------
-        ConcatError
-            An array does not fit its dataset; nothing of ``result`` is buffered.
+        ConcatError, ResultTypeError
+            An array does not fit its dataset, or cannot be stored; nothing of
+            ``result`` is buffered.
         """
         if not flat:
             result = flatten(result)
-        checked = {}
-        for path, array in result.items():
-            stored = self.check(id, path, array)
-            checked[path] = stored if owned or stored is not array else array.copy()
+        checked, new = {}, [path for path in result if path not in self._specs]
+        try:
+            for path, array in result.items():
+                stored = self.check(id, path, array)
+                checked[path] = stored if owned or stored is not array else array.copy()
+        except H5DaskError:
+            self._forget_specs(new)
+            raise
         if checked:
             self._buffer((id, checked), sum(a.nbytes for a in checked.values()))
 
@@ -313,14 +322,19 @@ class Writer:
 
         Raises
         ------
-        ConcatError
-            A feature's rows do not fit its dataset; it names the first id of
-            the block holding that feature, and nothing of the block is buffered.
+        ConcatError, ResultTypeError
+            A feature's rows do not fit its dataset, or cannot be stored; it names
+            the first id of the block holding that feature, and nothing of the
+            block is buffered.
         """
-        checked = {}
-        for path, array in values.items():
-            first = ids[int(np.argmax(rows[path] >= 0))]
-            checked[path] = self.check(first, path, array)
+        checked, new = {}, [path for path in values if path not in self._specs]
+        try:
+            for path, array in values.items():
+                first = ids[int(np.argmax(rows[path] >= 0))]
+                checked[path] = self.check(first, path, array)
+        except H5DaskError:
+            self._forget_specs(new)
+            raise
         if not checked:
             return
         has_data = np.logical_or.reduce([r >= 0 for r in rows.values()])
@@ -382,12 +396,21 @@ class Writer:
         ------
         ConcatError
             The array's trailing shape or dtype does not fit, naming ``id`` and ``path``.
+        ResultTypeError
+            HDF5 cannot store the array faithfully (see :func:`format.rows_problem`,
+            :func:`format.strings_problem`), or refuses the dataset it would create.
         """
         spec = self._specs.get(path) or self._spec_in_file(id, path)
         if spec is None:
-            spec = self._new_spec(path, array)
+            spec = self._new_spec(id, path, array)
         self._specs[path] = spec
         return spec.check(array, id, path)
+
+    def _forget_specs(self, paths: list[str]) -> None:
+        """Forget the specs just made for ``paths``, of a result refused: a refused add leaves
+        no trace, and a later one may create those features anew."""
+        for path in paths:
+            self._specs.pop(path, None)
 
     def _spec_in_file(self, id: str, path: str) -> Spec | None:
         layout = self.file._committed_layout()
@@ -406,8 +429,14 @@ class Writer:
             raise ConcatError(id, path, "the file holds a group of features there, not an array")
         return None
 
-    def _new_spec(self, path: str, array: np.ndarray) -> Spec:
-        dtype = self.file._ds_kwargs(path).get("dtype")
+    def _new_spec(self, id: str, path: str, array: np.ndarray) -> Spec:
+        """The spec of a feature that the file does not hold yet, whose first array is
+        ``array``; its dataset is tried first, so that its first write cannot fail."""
+        kwargs = self.file._ds_kwargs(path)
+        problem = fmt.rows_problem(array) or fmt.dataset_problem(array, kwargs)
+        if problem:
+            raise ResultTypeError(id, path, problem)
+        dtype = kwargs.get("dtype")
         if dtype is None:
             return Spec(fmt.storage_dtype(array), array.shape[1:])
         return Spec(np.dtype(dtype), array.shape[1:], explicit=True)
