@@ -12,10 +12,16 @@ code 1; a bad command line is exit code 2. ``--traceback`` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
+import json
 import os
+import select
+import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +40,7 @@ from .typed_file import TypedFile
 __all__ = ["main", "build_parser", "load_class", "CLIError"]
 
 MAX_FAILURES = 20
+TIMEOUT = 120.0  # seconds a command may read a file (--timeout)
 RESUME = "the sources before it are committed: --mode a resumes, --on-error skip records failures"
 PREVIEW = dict(threshold=24, edgeitems=3, precision=4, max_line_width=100)
 
@@ -54,6 +61,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     h5dask 0.1.0
     """
     args = build_parser().parse_args(argv)
+    if getattr(args, "timeout", 0) and not args.traceback:
+        return _with_timeout(args)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the parsed command in this process; return the exit code."""
     try:
         args.run(args)
     except KeyboardInterrupt:
@@ -69,6 +83,83 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"h5dask {args.command}: error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _with_timeout(args: argparse.Namespace) -> int:
+    """Run a command that reads a file in a forked child, stopped after ``--timeout`` seconds.
+
+    A damaged file can make HDF5 itself loop for ever (a flipped bit in the heap of
+    the id table did, plain h5py too), and no signal interrupts HDF5's C code:
+    a child process can be killed. Its output comes back through a pipe and is
+    printed here, once the child ends.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: run, send what it printed, never return into the caller
+        code = 1
+        try:
+            os.close(read)
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = _run(args)
+            report = {"code": code, "out": out.getvalue(), "err": err.getvalue()}
+            with os.fdopen(write, "w", encoding="utf-8", errors="backslashreplace") as pipe:
+                json.dump(report, pipe)
+        finally:
+            os._exit(code)
+    os.close(write)
+    try:
+        received = _receive(read, args.timeout)
+    except KeyboardInterrupt:
+        received = b""
+        print(f"h5dask {args.command}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        os.close(read)
+        if not received:
+            os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+    if received is None:
+        print(
+            f"h5dask {args.command}: error: reading {args.file!r} took longer than "
+            f"{args.timeout:g} s and was stopped (a damaged file can make HDF5 loop for ever); "
+            "--timeout SECONDS waits longer, 0 without limit",
+            file=sys.stderr,
+        )
+        return 1
+    if not received:
+        cause = f"signal {-status}" if os.WIFSIGNALED(status) else f"exit {status}"
+        print(
+            f"h5dask {args.command}: error: the process reading {args.file!r} died "
+            f"({cause}): HDF5 crashed on it, a damaged file?",
+            file=sys.stderr,
+        )
+        return 1
+    report = json.loads(received)
+    try:
+        sys.stdout.write(report["out"])
+        sys.stdout.flush()
+    except BrokenPipeError:  # `h5dask ls big.h5 | head`
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
+        return 1
+    sys.stderr.write(report["err"])
+    return int(report["code"])
+
+
+def _receive(fd: int, timeout: float) -> bytes | None:
+    """All that ``fd`` gives until its end, or None if that takes over ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    chunks = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return None
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +194,14 @@ def _add_file(sub: argparse.ArgumentParser) -> None:
         action="store_true",
         help="read datasets whose data HDF5 keeps in other files (external storage, virtual "
         "datasets); by default they are refused and no other file is opened",
+    )
+    sub.add_argument(
+        "--timeout",
+        type=float,
+        default=TIMEOUT,
+        metavar="SECONDS",
+        help=f"stop reading after SECONDS (default {TIMEOUT:g}; 0: no limit): a damaged file "
+        "can make HDF5 loop for ever",
     )
 
 
@@ -165,20 +264,24 @@ def run_ls(args: argparse.Namespace) -> None:
         prefix = path + "/" if path else ""
         below = [p for p in layout if p.startswith(prefix)]
         paths = below if args.recursive else [p for p in below if "/" not in p[len(prefix) :]]
+    members = Counter(p.rpartition("/")[0] for p in layout)  # one pass: members by group
     with file._handle.open() as f:
         n = fmt.n_ids(f)
-        lines = [_ls_columns(f, p, layout, n, file.allow_external) for p in paths]
+        lines = [_ls_columns(f, p, layout, members[p], n, file.allow_external) for p in paths]
     _print_columns(lines)
 
 
 def _ls_columns(
-    f: h5py.File, path: str, layout: dict[str, fmt.Node], n: int, allow_external: bool
+    f: h5py.File,
+    path: str,
+    layout: dict[str, fmt.Node],
+    members: int,
+    n: int,
+    allow_external: bool,
 ) -> list[str]:
     node = layout[path]
     if node.kind == "group":
-        prefix = path + "/"
-        members = sum(1 for p in layout if p.startswith(prefix) and "/" not in p[len(prefix) :])
-        return [prefix, "group", f"{members} member" + "s" * (members != 1)]
+        return [path + "/", "group", f"{members} member" + "s" * (members != 1)]
     count = "-"
     if node.other_files and not allow_external:  # described, never read
         return [path, node.kind, str(node.shape), str(node.dtype), "in other files, not read: "

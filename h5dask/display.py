@@ -118,7 +118,8 @@ def read_table(file: TypedFile, max_ids: int = MAX_IDS, path: str = "") -> Table
         first = fmt.check_local(f[fmt.IDS], allow)[:max_ids] if n else []
         shown = np.array(first, dtype=StringDType()).tolist()
         rows = [_feature_row(f, p, layout[p], n, len(shown), allow) for p in leaves]
-        attrs = _attrs(f, [path] * (path not in layout) + groups + leaves)
+        with_attrs = [p for p in groups + leaves if layout[p].n_attrs]  # most have none
+        attrs = _attrs(f, [path] * (path not in layout) + with_attrs)
     header = ["feature", "dtype", "rows", "ids with data", "stored", *shown]
     if n > len(shown):
         header.append(f"... {n - len(shown)} more ids")

@@ -10,6 +10,7 @@ import json
 import math
 import uuid
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -17,7 +18,7 @@ import h5py
 import numpy as np
 
 from . import legacy
-from .errors import ExternalFileError, FileFormatError, describe
+from .errors import ExternalFileError, FileFormatError, H5DaskError, describe
 
 FORMAT = "h5dask"
 FORMAT_VERSION = 1
@@ -32,9 +33,37 @@ MIN_CHUNK_BYTES = 16 << 10
 FIRST_SOURCES_PER_CHUNK = 1024
 TABLE_CHUNK_ROWS = 16384
 MAX_RANK = 32  # dimensions of an HDF5 dataset
+MAX_DEPTH = 2048  # levels of groups h5dask reads: a path of 2048 one-letter names is 4 KiB
 
 UTF8 = h5py.string_dtype("utf-8")
 BYTES = h5py.string_dtype("ascii")
+
+
+# what h5py raises where HDF5 meets damaged metadata or data: RuntimeError and OSError from
+# HDF5's error stack, KeyError for a link it cannot follow, UnicodeDecodeError for names and
+# strings that are not UTF-8, MemoryError for a table claiming more rows than memory holds
+DAMAGE = (RuntimeError, OSError, KeyError, UnicodeDecodeError, MemoryError)
+
+
+@contextmanager
+def reading(filename: str) -> Iterator[None]:
+    """Turn what h5py raises on a damaged file, inside the block, into a FileFormatError.
+
+    For h5dask's own reads of a file only, never around user code. h5dask's
+    errors, and a file that is missing or may not be read, pass as they are.
+
+    Examples
+    --------
+    >>> with reading("f.h5"):  # doctest: +SKIP
+    ...     layout = read_layout(f)
+    """
+    try:
+        yield
+    except (H5DaskError, FileNotFoundError, PermissionError):
+        raise
+    except DAMAGE as exc:
+        cause = str(exc) or type(exc).__name__
+        raise FileFormatError(f"{filename!r} is damaged: {type(exc).__name__}: {cause}") from exc
 
 
 def init_root(f: h5py.File) -> None:
@@ -154,7 +183,13 @@ def read_ids(f: h5py.File, allow_external: bool = False) -> np.ndarray:
     """
     if IDS not in f or not f[IDS].shape[0]:
         return np.array([], dtype="S1")
-    return check_local(f[IDS], allow_external)[:].astype("S")
+    ds = check_local(f[IDS], allow_external)
+    if ds.shape[0] * min(ds.dtype.itemsize, 16) > f.id.get_filesize():
+        raise FileFormatError(
+            f"{f.filename!r}: /{IDS} claims {ds.shape[0]} ids in a file of "
+            f"{f.id.get_filesize()} bytes (a damaged dataspace?)"
+        )
+    return ds[:].astype("S")
 
 
 def check_root(f: h5py.File) -> None:
@@ -257,7 +292,32 @@ def read_refs(group: h5py.Group, n: int, allow_external: bool = False) -> np.nda
         raise FileFormatError(f"{where}: values is a scalar, not a concatenation of arrays")
     table = refs[:n].astype(np.int64) if n else np.empty((0, 2), dtype=np.int64)
     check_refs(table, values.shape[0], where)
+    if values.shape[0] and not (table[:, 0] >= 0).any() and refs.shape[0] == n:
+        raise FileFormatError(f"{where}: values holds {values.shape[0]} rows but no id has any")
+    _check_allocated(values, where)
     return table
+
+
+def _check_allocated(values: h5py.Dataset, where: str) -> None:
+    """Refuse ``values`` whose chunks are not all in the file: h5dask writes every row it
+    appends, so a missing chunk is a damaged chunk index (HDF5 would read fill values).
+
+    Two cheap looks, whatever the size: the number of chunks the index holds, and the
+    first and the last chunk by their place.
+    """
+    if values.chunks is None or not values.size:
+        return
+    expected = math.prod(-(-n // c) for n, c in zip(values.shape, values.chunks, strict=True))
+    stored = values.id.get_num_chunks()
+    last = tuple((n - 1) // c * c for n, c in zip(values.shape, values.chunks, strict=True))
+    for corner in ((0,) * values.ndim, last):
+        if values.id.get_chunk_info_by_coord(corner).byte_offset is None:
+            stored = min(stored, expected - 1)
+    if stored < expected:
+        raise FileFormatError(
+            f"{where}: values has {stored} of its {expected} chunks in the file (a damaged "
+            "chunk index?): the others would read as fill values"
+        )
 
 
 def check_refs(table: np.ndarray, n_rows: int, where: str) -> None:
@@ -800,6 +860,7 @@ class Node:
     nbytes_stored: int = 0
     other_files: tuple[str, ...] = ()  # read from other files: see :func:`other_files`
     values: str = VALUES  # a feature's dataset of values (h5mapper's files: ``__arr__``)
+    n_attrs: int = 0  # of the group, the feature's group or the dataset
 
 
 def read_layout(f: h5py.File) -> dict[str, Node]:
@@ -808,18 +869,24 @@ def read_layout(f: h5py.File) -> dict[str, Node]:
     Only hard links are followed, each group once: soft and external links are
     left out, so reading never opens another file; a group reached twice is
     listed once.
+
+    Raises
+    ------
+    FileFormatError
+        A link name is not UTF-8, or groups nest deeper than :data:`MAX_DEPTH`.
     """
     layout: dict[str, Node] = {}
     own = own_files(f)
     for path, kind, obj in _walk(f):
+        n_attrs = h5py.h5a.get_num_attrs(obj if kind == "group" else obj.id)
         if kind == "group":
-            layout[path] = Node("group")
+            layout[path] = Node("group", n_attrs=n_attrs)
         elif kind == "feature":
             values, refs = feature_names(obj, legacy.is_h5mapper(f)) or (VALUES, REFS)
-            node = _dataset_node(kind, own, obj[values], obj[refs])
+            node = _dataset_node(kind, own, n_attrs, obj[values], obj[refs])
             layout[path] = node if values == VALUES else replace(node, values=values)
         else:
-            layout[path] = _dataset_node(kind, own, obj)
+            layout[path] = _dataset_node(kind, own, n_attrs, obj)
     return layout
 
 
@@ -830,33 +897,95 @@ def feature_paths(f: h5py.File) -> list[str]:
 
 
 def _walk(f: h5py.File) -> Iterator[tuple[str, str, Any]]:
-    """Yield ``(path, kind, object)`` for each group, feature and plain dataset, depth first."""
+    """Yield ``(path, kind, object)`` for each group, feature and plain dataset, depth first
+    (an :class:`h5py.Group` or :class:`h5py.Dataset`, a ``GroupID`` for a group).
+
+    One link iteration a group and one open a member, through h5py's low-level
+    API (a group of the high-level API costs about ten HDF5 calls): 40,000
+    groups take about a second.
+    """
     seen = {h5py.h5o.get_info(f.id).addr}
     h5mapper = legacy.is_h5mapper(f)
-    stack: list[tuple[Iterator[str], h5py.Group, str]] = [(iter(list(f)), f, "")]
+    names = [
+        name.encode() for name in ((legacy.VALUES, legacy.REFS) if h5mapper else (VALUES, REFS))
+    ]
+    ours = _attr_str(f, "format") == FORMAT  # in h5dask's files, values and refs go in pairs
+    stack: list[tuple[Iterator[tuple[bytes, int]], h5py.h5g.GroupID, str]] = [
+        (_hard_links(f.id), f.id, "")
+    ]
     while stack:  # depth first with a stack: groups may nest deeper than Python recurses
-        names, group, prefix = stack[-1]
-        name = next(names, None)
-        if name is None:
+        links, gid, prefix = stack[-1]
+        raw, addr = next(links, (None, 0))
+        if raw is None:
             stack.pop()
             continue
+        name = _decoded(raw, f, prefix)
         if not prefix and name in RESERVED:
             continue
         path = prefix + name
-        cls = _hard_class(group, name)
-        if cls is h5py.Dataset:
-            yield path, "dataset", group[name]
-        elif cls is h5py.Group:
-            child = group[name]
-            if is_feature_group(child, h5mapper):
-                yield path, "feature", child
-            elif h5py.h5o.get_info(child.id).addr not in seen:  # hard links can loop
-                seen.add(h5py.h5o.get_info(child.id).addr)
-                yield path, "group", child
-                stack.append((iter(list(child)), child, path + "/"))
+        oid = h5py.h5o.open(gid, raw)
+        if isinstance(oid, h5py.h5d.DatasetID):
+            yield path, "dataset", h5py.Dataset(oid)
+        elif isinstance(oid, h5py.h5g.GroupID):
+            if _is_feature_id(oid, names):
+                yield path, "feature", h5py.Group(oid)
+            elif ours and (oid.links.exists(b"values") or oid.links.exists(b"refs")):
+                raise FileFormatError(
+                    f"{f.filename!r}: group {path!r} holds one of 'values' and 'refs' but "
+                    "not both as datasets: a feature whose group is damaged, or a link in "
+                    "place of one"
+                )
+            elif addr not in seen:  # hard links can loop
+                if len(stack) >= MAX_DEPTH:
+                    raise FileFormatError(
+                        f"{f.filename!r}: groups nest deeper than {MAX_DEPTH} levels, at "
+                        f"{_short(path, 80)}: h5dask does not read such files"
+                    )
+                seen.add(addr)
+                yield path, "group", oid  # low-level: a Group costs a third of the walk
+                stack.append((_hard_links(oid), oid, path + "/"))
 
 
-def _dataset_node(kind: str, own: frozenset[str], ds: h5py.Dataset, *more: h5py.Dataset) -> Node:
+def _hard_links(gid: h5py.h5g.GroupID) -> Iterator[tuple[bytes, int]]:
+    """``(name, address)`` of the hard links of a group, in name order (soft and external
+    links left out)."""
+    links: list[tuple[bytes, int]] = []
+    hard = h5py.h5l.TYPE_HARD
+
+    def add(name: bytes, info: h5py.h5l.LinkInfo) -> None:
+        if info.type == hard:
+            links.append((name, info.u))
+
+    gid.links.iterate(add, info=True)
+    return iter(links)
+
+
+def _is_feature_id(gid: h5py.h5g.GroupID, names: list[bytes]) -> bool:
+    """:func:`is_feature_group` for a low-level group, its datasets named ``names``."""
+    for name in names:
+        if not gid.links.exists(name) or gid.links.get_info(name).type != h5py.h5l.TYPE_HARD:
+            return False
+        if h5py.h5o.get_info(gid, name).type != h5py.h5o.TYPE_DATASET:
+            return False
+    return True
+
+
+def _decoded(name: bytes, f: h5py.File, prefix: str) -> str:
+    try:
+        return name.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FileFormatError(
+            f"{f.filename!r}: the link {name!r} in /{prefix} is not UTF-8 (a damaged file?)"
+        ) from None
+
+
+def _dataset_node(
+    kind: str, own: frozenset[str], n_attrs: int, ds: h5py.Dataset, *more: h5py.Dataset
+) -> Node:
     files = tuple(dict.fromkeys(n for d in (ds, *more) for n in other_files(d) if n not in own))
     size = ds.id.get_storage_size()
-    return Node(kind, ds.shape, ds.dtype, ds.chunks, ds.compression, size, files)
+    try:
+        dtype = ds.dtype
+    except (TypeError, ValueError) as exc:  # h5py has no numpy type for it
+        raise FileFormatError(f"{ds.file.filename!r}, {ds.name!r}: its HDF5 type: {exc}") from None
+    return Node(kind, ds.shape, dtype, ds.chunks, ds.compression, size, files, n_attrs=n_attrs)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import h5py
@@ -238,7 +238,8 @@ class FileHandle:
         if write and self.mode == "r":
             raise ReadOnlyError(f"{self.filename!r} is open read-only; open it with mode='r+'")
         if self.keep_open:
-            yield self._cached(write)
+            with self._checked(write):
+                yield self._cached(write)
             return
         if self._writing is not None:  # nested in a journaled write: the same file
             yield self._writing
@@ -252,13 +253,18 @@ class FileHandle:
                     self._writing = self._journal = None
             return
         # reads take a shared lock only, so that many processes read at once
-        f = open_h5(
-            self.filename, self.mode if write else "r", **without_chunk_cache(self.h5_kwargs)
-        )
-        try:
-            yield f
-        finally:
-            f.close()
+        with self._checked(write):
+            f = open_h5(
+                self.filename, self.mode if write else "r", **without_chunk_cache(self.h5_kwargs)
+            )
+            try:
+                yield f
+            finally:
+                f.close()
+
+    def _checked(self, write: bool) -> AbstractContextManager[None]:
+        """Around a read: what h5py raises on a damaged file becomes a FileFormatError."""
+        return nullcontext() if write else fmt.reading(self.filename)
 
     def forget(self, start: int, stop: int) -> None:
         """In a journaled write, the bytes ``[start, stop)`` of the file need no saving

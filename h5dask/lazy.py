@@ -77,7 +77,8 @@ def _open(filename: str, h5_kwargs: tuple, feature: str) -> Iterator[h5py.File]:
     except FileFormatError as exc:
         raise StaleFileError(filename, feature, f"the file cannot be opened: {exc}") from exc
     try:
-        yield f
+        with fmt.reading(filename):  # what h5py raises on a damaged file
+            yield f
     finally:
         f.close()
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.dtypes import StringDType
 
+from . import format as fmt
 from .handle import FileHandle
 from .proxy import DatasetProxy
 
@@ -363,7 +364,6 @@ class _Leaf:
 
     def get(self, reader: _Reader, j: int, k: int, jitter: int = 0) -> Any:
         """Item ``k`` of the ``j``-th region (its window moved by ``jitter`` steps)."""
-        ds = reader.dataset(self.filename, self.path, self.h5_kwargs, self.allow_external)
         lo, hi = self.regions[j].tolist()
         extent = self._extent(lo, hi)
         start, stop = self.getter.spans(k, extent)
@@ -373,9 +373,17 @@ class _Leaf:
         pad = (max(0, -start), max(0, stop - extent)) if self.clips else (0, 0)
         start, stop = start + pad[0], stop - pad[1]
         if self.dim == 0:
-            return self._finish(ds[lo + start : lo + stop], pad)
+            return self._finish(self._rows(reader, slice(lo + start, lo + stop)), pad)
         window = (slice(None),) * (self.dim - 1) + (slice(start, stop),)
-        return self._finish(ds[(slice(lo, hi), *window)], pad)
+        return self._finish(self._rows(reader, (slice(lo, hi), *window)), pad)
+
+    def _rows(self, reader: _Reader, item: Any) -> np.ndarray:
+        """``item`` of the dataset, read with this process's handle (h5py's errors on a
+        damaged file converted; transforms run outside)."""
+        with fmt.reading(self.filename):
+            return reader.dataset(self.filename, self.path, self.h5_kwargs, self.allow_external)[
+                item
+            ]
 
     def get_many(
         self, reader: _Reader, js: np.ndarray, ks: np.ndarray, jitter: np.ndarray | None = None
@@ -385,7 +393,6 @@ class _Leaf:
             moves = [0] * len(js) if jitter is None else jitter.tolist()
             triples = zip(js.tolist(), ks.tolist(), moves, strict=True)
             return [self.get(reader, j, k, m) for j, k, m in triples]
-        ds = reader.dataset(self.filename, self.path, self.h5_kwargs, self.allow_external)
         lo, hi = self.regions[js, 0], self.regions[js, 1]
         starts, stops = self.getter.spans(ks, hi - lo)
         if jitter is not None:
@@ -393,9 +400,9 @@ class _Leaf:
             starts, stops = starts + shifts, stops + shifts
         starts, stops = lo + starts, lo + stops
         if not self.clips:
-            return [self._finish(data) for data in self._read_spans(ds, starts, stops)]
+            return [self._finish(data) for data in self._read_spans(reader, starts, stops)]
         before, after = np.maximum(0, lo - starts), np.maximum(0, stops - hi)
-        blocks = self._read_spans(ds, starts + before, stops - after)
+        blocks = self._read_spans(reader, starts + before, stops - after)
         pads = zip(before.tolist(), after.tolist(), strict=True)
         return [self._finish(data, pad) for data, pad in zip(blocks, pads, strict=True)]
 
@@ -407,7 +414,9 @@ class _Leaf:
         before, after = self.getter.margins()
         return np.clip(jitter, -(start + before), extent - (stop - after))
 
-    def _read_spans(self, ds: Any, starts: np.ndarray, stops: np.ndarray) -> list[np.ndarray]:
+    def _read_spans(
+        self, reader: _Reader, starts: np.ndarray, stops: np.ndarray
+    ) -> list[np.ndarray]:
         """Read sorted, coalesced blocks; each item is a copy cut from its block."""
         order = np.argsort(starts, kind="stable")
         s, e = starts[order], stops[order]
@@ -417,7 +426,7 @@ class _Leaf:
         firsts = np.flatnonzero(new)
         block_of = np.cumsum(new) - 1
         bounds = zip(s[firsts].tolist(), np.maximum.reduceat(e, firsts).tolist(), strict=True)
-        blocks = [ds[a:b] for a, b in bounds]
+        blocks = [self._rows(reader, slice(a, b)) for a, b in bounds]
         shared = np.bincount(block_of) > 1
         base = s[firsts].tolist()
         out: list[Any] = [None] * len(s)

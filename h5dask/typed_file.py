@@ -650,7 +650,8 @@ class TypedFile:
         self._commit()
         self._fresh()
         if self.keep_open:
-            return self._handle.reader(path)[item]
+            with fmt.reading(self.filename):
+                return self._handle.reader(path)[item]
         with self._handle.open() as f:
             return as_reader(f[path])[item]
 
