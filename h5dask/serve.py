@@ -381,9 +381,8 @@ class _Leaf:
         """``item`` of the dataset, read with this process's handle (h5py's errors on a
         damaged file converted; transforms run outside)."""
         with fmt.reading(self.filename):
-            return reader.dataset(self.filename, self.path, self.h5_kwargs, self.allow_external)[
-                item
-            ]
+            ds = reader.dataset(self.filename, self.path, self.h5_kwargs, self.allow_external)
+            return ds[item]
 
     def get_many(
         self, reader: _Reader, js: np.ndarray, ks: np.ndarray, jitter: np.ndarray | None = None
