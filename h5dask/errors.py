@@ -14,6 +14,7 @@ __all__ = [
     "LoadTimeoutError",
     "ResultTypeError",
     "ConcatError",
+    "OverwriteError",
     "UnknownIdError",
     "ReadOnlyError",
     "SchemaError",
@@ -70,6 +71,13 @@ class ResultTypeError(LoadError, TypeError):
 
 class ConcatError(SourceFeatureError, ValueError):
     """A result's trailing shape or dtype cannot be concatenated to its dataset."""
+
+
+class OverwriteError(SourceFeatureError, ValueError):
+    """An ``add`` for an id that holds data in a feature already; nothing of it was buffered.
+
+    ``set`` replaces the data explicitly, ``append`` adds rows to it.
+    """
 
 
 class UnknownIdError(H5DaskError, KeyError):

@@ -204,8 +204,15 @@ class GroupProxy(Proxy):
         self.set(id, data)
 
     def add(self, id: str, data: dict[str, Any]) -> GroupProxy:
-        """Add ``data`` (a dict by member name) for ``id``, a new or a known id."""
+        """Add ``data`` (a dict by member name) for ``id``, a new id or a known one without
+        data in these members yet (see :meth:`TypedFile.add`)."""
         self.file._add(self._check_id(id), self._nest(data))
+        return self
+
+    def append(self, id: str, data: dict[str, Any]) -> GroupProxy:
+        """Append rows to the arrays of ``id`` in these members, e.g.
+        ``file.logs.append("train", {"loss": step_loss})`` (see :meth:`TypedFile.append`)."""
+        self.file._add(self._check_id(id), self._nest(data), "append")
         return self
 
     def set(self, id: str, data: dict[str, Any]) -> None:
@@ -214,13 +221,13 @@ class GroupProxy(Proxy):
         if not isinstance(data, dict):
             raise TypeError(f"set() on group {self.path!r} takes a dict, not {type(data).__name__}")
         if id not in self.file.index:
-            self.file._add(id, self._nest(data))
+            self.file._add(id, self._nest(data), "set")
             return
         for name, value in data.items():
             if name in self.keys():
                 self.file.get_proxy(self._child(name)).set(id, value)
             else:
-                self.file._add(id, self._nest({name: value}))
+                self.file._add(id, self._nest({name: value}), "set")
 
     def _nest(self, data: Any) -> dict[str, Any]:
         for part in reversed(self.path.split("/") if self.path else []):
@@ -426,11 +433,17 @@ class DatasetProxy(Proxy):
             checked = self.file._get_writer().check(id, self.path, array)
             self.file._write(self.values_path, region, checked)
         else:
-            self.file._add(id, self._nest(array))
+            self.file._add(id, self._nest(array), "set")
 
     def add(self, id: str, data: Any) -> DatasetProxy:
-        """Add the array of ``id`` to this feature (a new id, or a known one)."""
+        """Add the array of ``id`` to this feature: a new id, or a known one without data
+        here yet (see :meth:`TypedFile.add`)."""
         self.file._add(self._check_id(id), self._nest(data))
+        return self
+
+    def append(self, id: str, data: Any) -> DatasetProxy:
+        """Append rows to the array of ``id`` in this feature (see :meth:`TypedFile.append`)."""
+        self.file._add(self._check_id(id), self._nest(data), "append")
         return self
 
     def _nest(self, data: Any) -> dict[str, Any]:

@@ -96,6 +96,11 @@ class WriterSession:
             time.sleep(POLL)
 
     @property
+    def locks(self) -> bool:
+        """Whether the session locks the file (not with ``locking=False``, nor in memory)."""
+        return self._fd is not None
+
+    @property
     def held(self) -> bool:
         """Whether this process holds the session (a forked child does not)."""
         return self._held and self._forks == forks()

@@ -7,6 +7,7 @@ import os
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from itertools import chain
 from typing import Any, ClassVar
 
 import h5py
@@ -283,10 +284,12 @@ class TypedFile:
         path = path.strip("/")
         if not path:
             return GroupProxy(self, "", None)
-        node = self._layout().get(path)
+        node = self._committed_layout().get(path)  # reaching a proxy commits nothing
         feature = self._schema_node(path)
         if node is not None and node.kind != "group":
             return DatasetProxy(self, path, feature, has_refs=node.kind == "feature")
+        if node is None and path in self._buffered_paths():
+            return DatasetProxy(self, path, feature, has_refs=True)
         if self._children(path) or isinstance(feature, Group):
             return GroupProxy(self, path, feature)
         if node is not None or feature is not None:
@@ -332,15 +335,50 @@ class TypedFile:
     def add(self, id: str, data: dict[str, Any]) -> TypedFile:
         """Add ``data``, a (nested) dict by feature name, for ``id``.
 
+        ``id`` may be new, or a known id without data in these features yet;
+        data an id holds is never replaced by ``add`` (:meth:`set` replaces it,
+        :meth:`append` adds rows to it).
+
         An add is committed at once when the last commit is more than a
         second old, so occasional adds (logs of each epoch) reach the disk
         immediately; a burst of adds is buffered and committed in batches,
         at the latest on the next add a second later, :meth:`flush`,
         :meth:`close`, any read through this object, or interpreter exit.
+
+        Raises
+        ------
+        OverwriteError
+            ``id`` holds data in one of these features already (committed, or
+            added before in this buffer); nothing of this add is buffered.
+        ConcatError
+            An array does not fit its feature's dataset; nothing is buffered.
+        FileLockedError
+            Another writer holds the file (see ``lock_timeout``).
         """
         writer = self._writer  # the fast path: more arrays for features it already checked
         if writer is None or not writer.append_known(id, data):
             self._add(id, data)
+        return self
+
+    def append(self, id: str, data: dict[str, Any]) -> TypedFile:
+        """Append rows to the arrays of ``id`` in the features of ``data`` (a per-step log).
+
+        Buffered and committed as :meth:`add` is; an id or feature without data
+        yet gets these rows as its first. A scalar is one row.
+
+        Examples
+        --------
+        >>> import tempfile, os
+        >>> import h5dask as h5m
+        >>> class Run(h5m.TypedFile):
+        ...     logs = h5m.Group(loss=h5m.Array())
+        >>> run = Run(os.path.join(tempfile.mkdtemp(), "run.h5"), mode="w")
+        >>> for step_loss in [0.9, 0.5, 0.2]:
+        ...     _ = run.logs.append("train", {"loss": step_loss})
+        >>> run.logs.loss.get("train")
+        array([0.9, 0.5, 0.2])
+        """
+        self._add(id, data, "append")
         return self
 
     def set(self, id: str, data: dict[str, Any]) -> None:
@@ -486,8 +524,9 @@ class TypedFile:
 
     # -- internals used by proxies and the writer -----------------------------------------------
 
-    def _add(self, id: str, data: Any) -> None:
-        """Check, normalise and buffer ``data`` (``add`` without its fast path)."""
+    def _add(self, id: str, data: Any, how: str = "add") -> None:
+        """Check, normalise and buffer ``data``: ``add`` without its fast path, or (``how``)
+        a ``"set"`` that replaces data, or an ``"append"`` of rows."""
         if not isinstance(id, str):
             raise TypeError(f"ids are str, not {type(id).__name__}")
         problem = fmt.id_problem(id)
@@ -498,10 +537,14 @@ class TypedFile:
         if result is None:
             return
         if not isinstance(result, dict):
-            raise ResultTypeError(id, "", "add() on a file takes a dict of features")
+            raise ResultTypeError(id, "", f"{how}() on a file takes a dict of features")
         if self.mode == "r":
             self._check_writable(f"source {id!r}, feature {', '.join(flatten(result))!r}")
-        self._get_writer().append(id, result, flat=flat is not None)
+        writer = self._get_writer()
+        if how == "append":
+            writer.extend(id, result, flat=flat is not None)
+        else:
+            writer.append(id, result, flat=flat is not None, replace=how == "set")
 
     def _get_writer(self) -> Writer:
         self._hold_session()
@@ -521,9 +564,12 @@ class TypedFile:
         """
         session = self.__dict__.get("_session")
         if session is None or not session.held:
-            self._session = WriterSession.acquire(
+            session = WriterSession.acquire(
                 self.filename, self.lock_timeout, self._handle.h5_kwargs
             )
+            self._session = None
+            self._fresh()  # what the last writer committed, read before the session skips it
+            self._session = session
 
     @contextmanager
     def _writing(self) -> Iterator[None]:
@@ -572,6 +618,9 @@ class TypedFile:
             return
         if handle.locks and handle.holds(cache.get("held")):
             return
+        session = self.__dict__.get("_session")
+        if session is not None and session.locks and session.held:
+            return  # this object is the file's one writer: no other commit can come
         kept = handle.kept
         stamp = _version(self.filename, handle.h5_kwargs)
         if cache.get("version") != stamp:
@@ -603,10 +652,14 @@ class TypedFile:
 
     def _refs(self, path: str) -> np.ndarray:
         self._commit()
+        return self._committed_refs(path)
+
+    def _committed_refs(self, path: str) -> np.ndarray:
+        """The ref table of ``path`` as committed (buffered writes not included)."""
         self._fresh()
         key = "refs:" + path
         if key not in self._cache:
-            node = self._layout().get(path)
+            node = self._committed_layout().get(path)
             with self._handle.open() as f:
                 n = fmt.n_ids(f)
                 if node is None or node.kind != "feature":
@@ -618,8 +671,9 @@ class TypedFile:
 
     def _check_local(self, path: str) -> None:
         """Refuse the feature or dataset at ``path`` if HDF5 reads its data from other files
-        (:class:`~h5dask.errors.ExternalFileError`), unless ``allow_external``."""
-        node = self._layout().get(path)
+        (:class:`~h5dask.errors.ExternalFileError`), unless ``allow_external``. Only a
+        committed dataset can be stored elsewhere: nothing buffered is committed for it."""
+        node = self._committed_layout().get(path)
         if node is not None and not self.allow_external:
             fmt.refuse_other_files(self.filename, path, node.other_files)
 
@@ -677,14 +731,20 @@ class TypedFile:
             return fmt.read_attrs(obj) if obj is not None else {}
 
     def _children(self, path: str) -> list[str]:
+        """Names in the group at ``path``: declared, committed, and of buffered writes (listed
+        without committing them, so that ``file.logs.add(...)`` stays buffered)."""
         names: dict[str, None] = {}
         node = self.schema if not path else getattr(self._schema_node(path), "features", {})
         names.update(dict.fromkeys(node))
         prefix = path + "/" if path else ""
-        for key in self._layout():
-            if key.startswith(prefix) and "/" not in key[len(prefix) :]:
-                names[key[len(prefix) :]] = None
+        for key in chain(self._committed_layout(), self._buffered_paths()):
+            if key.startswith(prefix) and key != prefix:
+                names[key[len(prefix) :].split("/", 1)[0]] = None
         return list(names)
+
+    def _buffered_paths(self) -> set[str]:
+        writer = self.__dict__.get("_writer")
+        return writer.paths if writer is not None and writer.in_this_process else set()
 
     def _leaf_paths(self) -> list[str]:
         return [p for p, node in self._layout().items() if node.kind != "group"]

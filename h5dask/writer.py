@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from itertools import chain
@@ -27,7 +27,14 @@ import numpy as np
 from numpy import ndarray  # a global name: add's fast path checks every array against it
 
 from . import format as fmt
-from .errors import CommitError, ConcatError, DiskFullError, H5DaskError, ResultTypeError
+from .errors import (
+    CommitError,
+    ConcatError,
+    DiskFullError,
+    H5DaskError,
+    OverwriteError,
+    ResultTypeError,
+)
 from .extract import flatten
 from .handle import forks
 from .index import IdIndex, utf8_keys
@@ -209,6 +216,11 @@ class Writer:
         self._bytes = 0
         self._trimmed = False
         self._forks = forks()
+        self._ids: set[str] = set()  # ids buffered or committed by this writer
+        self._before: IdIndex | None = None  # the file's other ids, once an add needs them
+        self._others: IdIndex | None = None  # the same, None when there are none
+        self._extends: dict[str, dict[str, list[np.ndarray]]] = {}  # rows to append, by id
+        self.paths: set[str] = set()  # the features of what is buffered
         _writers.add(self)
 
     @property
@@ -228,11 +240,17 @@ class Writer:
 
     @property
     def pending(self) -> int:
-        """Number of ids buffered and not yet committed."""
-        return sum(1 if isinstance(e, tuple) else len(e.ids) for e in self._pending)
+        """Number of ids buffered and not yet committed (rows to append count once an id)."""
+        n = sum(1 if isinstance(e, tuple) else len(e.ids) for e in self._pending)
+        return n + len(self._extends)
 
     def append(
-        self, id: str, result: Mapping[str, Any], flat: bool = False, owned: bool = False
+        self,
+        id: str,
+        result: Mapping[str, Any],
+        flat: bool = False,
+        owned: bool = False,
+        replace: bool = False,
     ) -> None:
         """Buffer a normalised result (a nested dict of arrays) for ``id``.
 
@@ -240,6 +258,40 @@ class Writer:
         that nobody else holds its arrays. Otherwise they are copied, so that
         what is committed is what was added, whatever the caller does with
         its arrays afterwards (``tensor.numpy()`` shares a model's memory).
+        ``replace`` lets it replace data ``id`` holds already (``set``).
+
+        Raises
+        ------
+        ConcatError, ResultTypeError
+            An array does not fit its dataset, or cannot be stored; nothing of
+            ``result`` is buffered.
+        OverwriteError
+            Without ``replace``: ``id`` holds data (committed or buffered) in a
+            feature of ``result``; nothing of ``result`` is buffered.
+        """
+        if not flat:
+            result = flatten(result)
+        checked, new = {}, [path for path in result if path not in self._specs]
+        try:
+            for path, array in result.items():
+                stored = self.check(id, path, array)
+                checked[path] = stored if owned or stored is not array else array.copy()
+            if checked and not replace and not self.new_ids:
+                self._refuse_overwrite(id, checked)
+        except H5DaskError:
+            self._forget_specs(new)
+            raise
+        if not checked:
+            return
+        self._ids.add(id)
+        self._buffer((id, checked), sum(a.nbytes for a in checked.values()))
+
+    def extend(self, id: str, result: Mapping[str, Any], flat: bool = False) -> None:
+        """Buffer rows to append to the arrays of ``id`` (new ones where it has none).
+
+        They are committed with the next flush, after the results buffered
+        with them (see :meth:`_grow`); rows appended to one id before a flush
+        are concatenated in order.
 
         Raises
         ------
@@ -252,13 +304,58 @@ class Writer:
         checked, new = {}, [path for path in result if path not in self._specs]
         try:
             for path, array in result.items():
-                stored = self.check(id, path, array)
-                checked[path] = stored if owned or stored is not array else array.copy()
+                checked[path] = self.check(id, path, array)
         except H5DaskError:
             self._forget_specs(new)
             raise
-        if checked:
-            self._buffer((id, checked), sum(a.nbytes for a in checked.values()))
+        rows = self._extends.setdefault(id, {})
+        for path, array in checked.items():
+            rows.setdefault(path, []).append(array.copy() if array is result[path] else array)
+            self._bytes += array.nbytes
+        self._ids.add(id)
+        self.paths.update(checked)
+        if self._bytes >= self.flush_bytes or monotonic() >= self._due:
+            self.flush()
+
+    def _refuse_overwrite(self, id: str, paths: Iterable[str]) -> None:
+        """Raise :class:`OverwriteError` if ``id`` holds data in one of ``paths`` already."""
+        if id not in self._ids and not self._in_file_before(id):
+            return  # the usual add: an id new to the file
+        held = [path for path in paths if self._holds(id, path)]
+        if held:
+            raise OverwriteError(
+                id,
+                ", ".join(held),
+                f"{self.file.filename!r} holds data for this id there already, and add() "
+                "never replaces it: call set() to replace it, or append() to add rows to it",
+            )
+
+    def _in_file_before(self, id: str) -> bool:
+        """Whether ``id`` was in the file before this writer added to it."""
+        if self._before is None:
+            self._before = self.file._committed_index()
+            self._others = self._before if len(self._before) else None
+        return self._others is not None and self._others.position(id) >= 0
+
+    def _holds(self, id: str, path: str) -> bool:
+        """Whether ``id`` has data for ``path``, committed or buffered (the slow path)."""
+        if path in self._extends.get(id, ()):
+            return True
+        for entry in self._pending:
+            if isinstance(entry, tuple):
+                if entry[0] == id and path in entry[1]:
+                    return True
+            elif isinstance(entry, _Run):
+                if path in entry.columns and id in entry.ids:
+                    return True
+            elif path in entry.values and id in entry.ids:
+                if entry.rows[path][entry.ids.index(id)] >= 0:
+                    return True
+        position = self.file._committed_index().position(id)
+        if position < 0:
+            return False
+        refs = self.file._committed_refs(path)
+        return position < len(refs) and bool(refs[position, 0] >= 0)
 
     def append_known(self, id: Any, data: Any) -> bool:
         """Buffer a copy of ``data`` if ``id`` is a str and ``data`` a dict mapping known
@@ -275,6 +372,8 @@ class Writer:
             or type(data) is not dict
             or len(data) != len(run.columns)
             or ((not id.isascii() or "\0" in id) and fmt.id_problem(id))  # _add says why
+            or id in self._ids  # added before: append() checks whether it may be again
+            or (self._others is not None and self._others.position(id) >= 0)
         ):
             return False
         columns, nbytes = run.columns, 0
@@ -297,6 +396,7 @@ class Writer:
             column.rows.append(shape[0])
             nbytes += array.nbytes
         run.ids.append(id)
+        self._ids.add(id)
         self._bytes += nbytes
         if self._bytes >= self.flush_bytes or monotonic() >= self._due:
             self.flush()
@@ -311,6 +411,9 @@ class Writer:
         specs = {path: self._specs.get(path) for path in data}
         if any(s is None or s.dtype.kind not in "biufc" for s in specs.values()):
             return None
+        if self._before is None:
+            return None  # add's fast path needs the file's other ids (see _in_file_before)
+        self.paths.update(specs)
         self._run = _Run(specs)  # type: ignore[arg-type]
         self._pending.append(self._run)
         return self._run
@@ -346,6 +449,7 @@ class Writer:
 
     def _buffer(self, entry: Block | tuple[str, dict], nbytes: int) -> None:
         self._pending.append(entry)
+        self.paths.update(entry[1] if isinstance(entry, tuple) else entry.values)
         self._run = None
         self._bytes += nbytes
         if self._bytes >= self.flush_bytes or monotonic() >= self._due:
@@ -372,19 +476,24 @@ class Writer:
         if not self.pending:  # nothing, or a run whose first add failed
             return
         blocks = _as_blocks(self._pending)
-        self._pending, self._run, self._bytes = [], None, 0
+        extends = {
+            id: {path: np.concatenate(rows) for path, rows in by_path.items()}
+            for id, by_path in self._extends.items()
+        }
+        self._pending, self._run, self._bytes, self._extends = [], None, 0, {}
+        self.paths = set()
         self._last_flush = monotonic()
         self.flush_seconds = self._flush_seconds  # the next flush by age is due from now
         try:
             self.file._fresh()  # what another process committed since is read, not overwritten
             with self.file._handle.open(write=True) as f:
-                commit = self._write(f, blocks)
+                commit = self._write(f, blocks, extends)
         except BaseException as exc:
             self._specs.clear()  # a feature's first write may not have happened
             self._trimmed = False
             self.file._invalidate()
             if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, DiskFullError):
-                ids = list(chain.from_iterable(b.ids for b in blocks))
+                ids = list(chain.from_iterable(b.ids for b in blocks)) + list(extends)
                 raise CommitError(self.file.filename, ids, _cause(exc)) from exc
             raise
         self.file._committed(commit)
@@ -462,7 +571,9 @@ class Writer:
             positions[k] = new.setdefault(ids[k], n + len(new))
         return positions, list(new), IdIndex(list(new))
 
-    def _write(self, f: h5py.File, blocks: list[Block]) -> Commit:
+    def _write(
+        self, f: h5py.File, blocks: list[Block], extends: dict[str, dict[str, np.ndarray]]
+    ) -> Commit:
         if self.file._handle.h5_kwargs.get("driver") in (None, "sec2"):
             _check_space(self.file.filename, blocks)
         if fmt.IDS not in f:
@@ -472,6 +583,8 @@ class Writer:
             fmt.trim_uncommitted(f, features, self.file.allow_external)
             self._trimmed = True
         n = fmt.n_ids(f)
+        if extends:
+            blocks = self._added_ids(blocks, extends, n)
         ids = list(chain.from_iterable(b.ids for b in blocks))
         positions, new_ids, new_index = self._positions(ids, n)
         total = n + len(new_ids)
@@ -491,6 +604,13 @@ class Writer:
             )
             for path, (values, rows, where) in by_path.items()
         }
+        if extends:
+            listed = zip(ids, positions.tolist(), strict=True)
+            at = {id: int(position) for id, position in listed if id in extends}
+            for id in extends:
+                at.setdefault(id, self.file._committed_index().position(id))
+            for path, (where, rows) in self._extend(f, extends, at, total).items():
+                written[path] = _merged(written.get(path), where, rows)
         for path in features:  # those this batch has no data for
             if path not in written and f[path][fmt.REFS].shape[0] < total:
                 f[path][fmt.REFS].resize(total, axis=0)
@@ -519,12 +639,7 @@ class Writer:
             )
         values, refs = group[fmt.VALUES], group[fmt.REFS]
         self._forget_tail(values)
-        if fmt.is_string_dtype(values.dtype):
-            arrays = [
-                np.array([_to_str(v) for v in a.flat], dtype=object).reshape(a.shape)
-                for a in arrays
-            ]
-        start = fmt.append_blocks(values, arrays)
+        start = fmt.append_blocks(values, _storable(values, arrays))
         present = rows >= 0
         stops = start + np.cumsum(rows[present])
         table = np.stack([stops - rows[present], stops], axis=1)
@@ -532,6 +647,77 @@ class Writer:
             refs.resize(total, axis=0)
         fmt.write_ref_rows(refs, positions[present], table)
         return positions[present], table
+
+    def _added_ids(
+        self, blocks: list[Block], extends: dict[str, dict[str, np.ndarray]], n: int
+    ) -> list[Block]:
+        """``blocks`` and a block of the rows appended to ids neither the file nor ``blocks``
+        holds yet (taken out of ``extends``): the first rows of an id are an add."""
+        known = set(chain.from_iterable(b.ids for b in blocks))
+        index = self.file._committed_index() if n else None
+        fresh = [
+            id for id in extends if id not in known and (index is None or index.position(id) < 0)
+        ]
+        if not fresh:
+            return blocks
+        return [*blocks, _block_of([(id, extends.pop(id)) for id in fresh])]
+
+    def _extend(
+        self,
+        f: h5py.File,
+        extends: dict[str, dict[str, np.ndarray]],
+        at: dict[str, int],
+        total: int,
+    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Append the rows of ``extends`` to their ids' arrays; per feature, (positions, rows)
+        of the ref rows written."""
+        by_path: dict[str, list[tuple[int, np.ndarray]]] = {}
+        for id, arrays in extends.items():
+            for path, array in arrays.items():
+                by_path.setdefault(path, []).append((at[id], array))
+        written = {}
+        for path, items in by_path.items():
+            group = f.get(path)
+            if group is None or fmt.VALUES not in group:  # the feature's first rows
+                arrays = [array for _, array in items]
+                rows = np.array([len(a) for a in arrays], dtype=np.int64)
+                where = np.array([p for p, _ in items], dtype=np.int64)
+                written[path] = self._write_feature(f, path, arrays, rows, where, total)
+            else:
+                written[path] = self._grow(group, items, total)
+        return written
+
+    def _grow(
+        self, group: h5py.Group, items: list[tuple[int, np.ndarray]], total: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Append rows to the regions at these positions of a feature: in place for the
+        region that ends its dataset, else after a copy of the old rows at its end (the old
+        ones stay where they were, unreferenced, as after ``set``)."""
+        values, refs = group[fmt.VALUES], group[fmt.REFS]
+        if refs.shape[0] < total:
+            refs.resize(total, axis=0)
+        regions = [refs[position].tolist() for position, _ in items]  # few ids a commit
+        end = values.shape[0]
+        order = sorted(range(len(items)), key=lambda k: regions[k][1] != end)  # the last first
+        self._forget_tail(values)
+        where, table = [], []
+        for k in order:
+            (position, rows), (start, stop) = items[k], regions[k]
+            end = values.shape[0]
+            if start >= 0 and stop == end:
+                first, parts = start, [rows]
+            elif start < 0:
+                first, parts = end, [rows]
+            else:
+                first, parts = end, [values[start:stop], rows]
+            fmt.append_blocks(values, _storable(values, parts))
+            where.append(position)
+            table.append((first, values.shape[0]))
+        order_by_position = np.argsort(where)
+        where_array = np.array(where, dtype=np.int64)[order_by_position]
+        table_array = np.array(table, dtype=np.int64).reshape(-1, 2)[order_by_position]
+        fmt.write_ref_rows(refs, where_array, table_array)
+        return where_array, table_array
 
     def _forget_tail(self, ds: h5py.Dataset) -> None:
         """Spare the journal the unused end of the last chunk of ``ds``, about to be appended
@@ -617,6 +803,23 @@ def row_counts(arrays: list[np.ndarray | None]) -> np.ndarray:
     if all(a is not None for a in arrays):
         return np.fromiter(map(len, arrays), np.int64, len(arrays))  # type: ignore[arg-type]
     return np.array([-1 if a is None else len(a) for a in arrays], dtype=np.int64)
+
+
+def _storable(values: h5py.Dataset, arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """``arrays`` as ``values`` stores them: object arrays of str or bytes for strings."""
+    if not fmt.is_string_dtype(values.dtype):
+        return arrays
+    return [np.array([_to_str(v) for v in a.flat], dtype=object).reshape(a.shape) for a in arrays]
+
+
+def _merged(
+    earlier: tuple[np.ndarray, np.ndarray] | None, positions: np.ndarray, rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Ref rows written by a commit at ``earlier`` positions, then at ``positions``."""
+    if earlier is None:
+        return positions, rows
+    kept = ~np.isin(earlier[0], positions)
+    return np.concatenate([earlier[0][kept], positions]), np.concatenate([earlier[1][kept], rows])
 
 
 def _cause(exc: BaseException) -> str:

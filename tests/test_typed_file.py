@@ -18,6 +18,7 @@ from h5dask.errors import (
     ConcatError,
     FileFormatError,
     FileLockedError,
+    OverwriteError,
     SchemaError,
     UnknownIdError,
 )
@@ -519,11 +520,14 @@ def test_reads_between_adds_match_a_fresh_reopen(tmp_path, keep_open):
     logs = XY(path, mode="w", keep_open=keep_open)
     expected: dict[str, dict[str, list]] = {}
     for step in range(60):
-        id = f"id-{rng.integers(40)}" if step % 3 else f"new-é-{step}"  # repeats replace
+        id = f"id-{rng.integers(40)}" if step % 3 else f"new-é-{step}"  # repeats: set()
         data = {"x": rng.random((int(rng.integers(1, 4)), 2))}
         if step % 4 == 0 or step > 40:  # y appears later, for some ids only
             data["y"] = np.full(int(rng.integers(1, 3)), step)
-        logs.add(id, data)
+        if id in expected:
+            logs.set(id, data)
+        else:
+            logs.add(id, data)
         expected.setdefault(id, {}).update({k: v.tolist() for k, v in data.items()})
         if step % 5 == 0:
             logs.flush()
@@ -602,18 +606,80 @@ def _add_in_child(logs) -> None:
     os._exit(1)
 
 
-def test_ids_added_twice_before_a_flush_keep_their_last_value(tmp_path):
+def test_an_add_never_replaces_data_and_a_refused_add_keeps_the_ones_before(tmp_path):
+    """Committed or buffered (by the fast path or the checked one), data is never replaced
+    by add: the add raises naming id and feature, buffers nothing, and the adds buffered
+    before it are committed. set() replaces; features an id has no data in stay addable."""
     logs = XY(tmp_path / "twice.h5", mode="w")
-    logs.add("first", {"x": np.zeros(1)})  # committed at once: the index is cached
+    logs.add("first", {"x": np.zeros(2)})  # committed at once: the index is cached
     logs._get_writer().flush_seconds = None
-    for id, value in [("a", 1), ("é", 2), ("a", 3), ("first", 4), ("é", 5)]:
-        logs.add(id, {"x": np.full(2, value)})
-    assert logs.x.get("a").tolist() == [3, 3]
-    assert list(logs.index) == ["first", "a", "é"]
+    logs.add("a", {"x": np.full(2, 1)})
+    logs.add("é", {"x": np.full(2, 2)})  # buffered, in a run of the fast path
+    logs.add("s", {"x": np.full(2, 3, np.int16)})  # buffered by the checked path (a cast)
+    for id in ["a", "first", "é", "s"]:
+        with pytest.raises(OverwriteError) as info:
+            logs.add(id, {"y": np.full(1, 9), "x": np.full(2, 9)})
+        assert (info.value.source, info.value.feature) == (id, "x")
+        assert "set()" in str(info.value) and "append()" in str(info.value)
+    with pytest.raises(ConcatError, match="'b'.*'x'"):  # a misfit keeps the adds before too
+        logs.add("b", {"x": np.zeros((1, 2))})
+    assert logs._get_writer().pending == 3  # nothing of the refused adds was buffered
+    logs.add("a", {"y": np.full(1, 7)})  # a feature "a" has no data in yet
+    logs.x.set("first", np.full(2, 4))  # replaced on purpose
     logs.close()
     fresh = XY(tmp_path / "twice.h5", mode="r")
-    assert list(fresh.index) == ["first", "a", "é"]
-    assert [fresh.x.get(id).tolist() for id in fresh.index] == [[4, 4], [3, 3], [5, 5]]
+    assert list(fresh.index) == ["first", "a", "é", "s"]
+    assert [fresh.x.get(id).tolist() for id in fresh.index] == [[4, 4], [1, 1], [2, 2], [3, 3]]
+    assert [fresh.y.get(id) is None for id in fresh.index] == [True, False, True, True]
+    assert fresh.y.get("a").tolist() == [7]
+
+
+def test_append_grows_an_ids_arrays_in_place_or_moves_them_whole(tmp_path):
+    """A per-step log: rows appended to an id, buffered, before and after commits, by the
+    file, a group and a feature; the region that ends its dataset grows in place, another
+    one moves to the end with its old rows."""
+
+    class Run(h5m.TypedFile):
+        logs = h5m.Group(loss=h5m.Array(), note=h5m.Array())
+
+    path = tmp_path / "run.h5"
+    run = Run(path, mode="w")
+    expected: dict[str, list[float]] = {"train": [], "val": []}
+    for step in range(40):
+        run.logs.append("train", {"loss": step / 10})
+        expected["train"].append(step / 10)
+        if step % 7 == 3:
+            run.logs.loss.append("val", np.array([step, -step], dtype=float))
+            expected["val"] += [step, -step]
+        if step % 9 == 8:
+            run.flush()
+            assert run.logs.loss.get("train").tolist() == expected["train"]
+    run.append("train", {"logs": {"note": "done"}})  # a feature the id had no data in
+    with pytest.raises(OverwriteError):
+        run.logs.add("train", {"loss": np.zeros(1)})
+    run.close()
+    fresh = Run(path, mode="r")
+    assert fresh.ids.tolist() == ["train", "val"]
+    assert fresh.logs.loss.get("train").tolist() == expected["train"]
+    assert fresh.logs.loss.get("val").tolist() == expected["val"]
+    assert fresh.logs.note.get("train").tolist() == ["done"]
+    regions = fresh.logs.loss.refs.array
+    assert (regions[:, 1] - regions[:, 0]).tolist() == [40, len(expected["val"])]
+    assert regions[:, 1].max() == len(fresh.logs.loss)  # the last region ends the dataset
+
+
+def test_reaching_a_group_commits_nothing_and_reads_see_buffered_writes(tmp_path):
+    logs = XY(tmp_path / "reach.h5", mode="w")
+    logs.add("first", {"x": np.zeros(2)})  # committed at once
+    logs._get_writer().flush_seconds = None
+    for k in range(5):
+        logs.root.add(f"id-{k}", {"x": np.full(2, k)})
+        logs.x.add(f"x-{k}", np.full(2, k))
+        logs.add(f"z-{k}", {"z": np.full(1, k)})  # a feature neither declared nor committed
+        assert "z" in logs.keys() and logs.z.path == "z"
+    assert logs._get_writer().pending == 15  # reaching x, z and the root committed nothing
+    assert logs.z.get("z-3").tolist() == [3]  # a read commits first
+    assert logs._get_writer().pending == 0
 
 
 def test_an_add_that_fails_on_its_second_feature_buffers_nothing(tmp_path):
