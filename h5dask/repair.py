@@ -147,8 +147,11 @@ class JournaledFile:
         self._f = open(filename, "r+b", buffering=0)  # noqa: SIM115 - closed by close()
         if lock:
             _lock_data(self._f.fileno(), filename)
-        self._journal = os.open(journal_path(filename), os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+        # locked before it is in place: a reader never sees it unlocked, as a dead writer's
+        fresh = journal_path(filename) + ".new"
+        self._journal = os.open(fresh, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
         flock(self._journal, fcntl.LOCK_EX)
+        os.replace(fresh, journal_path(filename))
         self.size = os.fstat(self._f.fileno()).st_size
         head = HEADER.pack(MAGIC, self.size, 0)[:16]
         os.write(self._journal, head + struct.pack("<I", zlib.crc32(head)))
