@@ -17,7 +17,7 @@ import numpy as np
 
 from . import format as fmt
 from .display import html_table
-from .errors import H5DaskError, UnknownIdError
+from .errors import H5DaskError, StaleFileError, UnknownIdError
 from .extract import normalize
 
 if TYPE_CHECKING:
@@ -392,13 +392,18 @@ class DatasetProxy(Proxy):
             The file holds no such id.
         """
         id = self._check_id(id)
-        position = self.file.index.position(id)
-        if position < 0:
-            raise UnknownIdError(id, self.file.filename, self.path)
-        start, stop = self.refs.array[position].tolist()
-        if start < 0:
-            return None
-        return self._transformed(self.file._read(self.values_path, slice(start, stop)))
+        for _ in range(3):  # again when another process committed between lookup and read
+            position = self.file.index.position(id)
+            if position < 0:
+                raise UnknownIdError(id, self.file.filename, self.path)
+            start, stop = self.refs.array[position].tolist()
+            if start < 0:
+                return None
+            version = self.file._tables_version
+            data = self.file._read(self.values_path, slice(start, stop))
+            if self.file._tables_version == version:
+                return self._transformed(data)
+        raise StaleFileError(self.file.filename, self.path, "other processes keep rewriting it")
 
     def __getitem__(self, item: Any) -> Any:
         if isinstance(item, str):

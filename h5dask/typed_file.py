@@ -701,13 +701,22 @@ class TypedFile:
             cache[key] = commit.updated_refs(key.removeprefix("refs:"), cache[key])
 
     def _read(self, path: str, item: Any) -> Any:
+        """Read ``item`` of the dataset at ``path``, checking the file's version while it is
+        open (held, no other process commits): see :attr:`_tables_version`."""
         self._commit()
-        self._fresh()
         if self.keep_open:
+            self._fresh()
             with fmt.reading(self.filename):
                 return self._handle.reader(path)[item]
         with self._handle.open() as f:
+            self._fresh()
             return as_reader(f[path])[item]
+
+    @property
+    def _tables_version(self) -> Any:
+        """The version of the file the cached tables were read from: a read that changes it
+        found the file changed since a caller looked up a region in them."""
+        return self._cache.get("version")
 
     def _check_writable(self, what: str) -> None:
         """Raise :class:`ReadOnlyError` naming ``what`` was to be written, in mode ``"r"``."""

@@ -94,3 +94,42 @@ def test_own_commits_read_nothing_again(tmp_path, monkeypatch, keep_open):
     assert reads.count("read_ids") == reads.count("read_refs") == 0
     f.close()
     assert h5m.TypedFile(f.filename).x.ids.tolist() == [f"id{k}" for k in range(30)]
+
+
+REBUILDER = """
+import sys, time, numpy as np, h5dask as h5m
+from test_kept_reader import value
+path, seconds = sys.argv[1], float(sys.argv[2])
+end, n = time.monotonic() + seconds, 0
+while time.monotonic() < end:
+    offset = 1000 * (n % 2)
+    try:
+        with h5m.TypedFile(path, mode="w") as f:
+            for k in range(10):
+                f.add(f"id{k}", {"x": value(k, offset)})
+        n += 1
+    except h5m.H5DaskError:  # a reader holds the file right now
+        time.sleep(0.001)
+print(n)
+"""
+
+
+def test_a_reader_racing_rebuilds_never_returns_another_ids_data(tmp_path):
+    """Another process rebuilds the file again and again, its values alternating; every
+    get("id9") returns one of id9's two arrays or raises a named error, never another's."""
+    path = tmp_path / "race.h5"
+    write(path, "w", 0, 10)
+    f = h5m.TypedFile(path)
+    args = [sys.executable, "-c", REBUILDER, str(path), "4"]
+    rebuilder = subprocess.Popen(args, cwd=ROOT / "tests", stdout=subprocess.PIPE, text=True)
+    got, errors = 0, 0
+    while rebuilder.poll() is None:
+        try:
+            data = f.x.get("id9")
+        except (h5m.H5DaskError, LookupError, AttributeError, OSError, RuntimeError):  # mid-rebuild
+            errors += 1
+            continue
+        assert any(np.array_equal(data, value(9, o)) for o in (0, 1000)), data
+        got += 1
+    rebuilds = int(rebuilder.stdout.read())
+    assert rebuilder.returncode == 0 and rebuilds > 1 and got > 10, (rebuilds, got, errors)
