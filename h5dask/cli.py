@@ -20,6 +20,7 @@ import os
 import select
 import signal
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -61,8 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     h5dask 0.1.0
     """
     args = build_parser().parse_args(argv)
-    if getattr(args, "timeout", 0) and not args.traceback:
-        return _with_timeout(args)
+    if getattr(args, "timeout", 0) and not args.traceback and threading.active_count() == 1:
+        return _with_timeout(args)  # (a fork of a process with threads may deadlock)
     return _run(args)
 
 
@@ -87,6 +88,9 @@ def _run(args: argparse.Namespace) -> int:
 
 def _with_timeout(args: argparse.Namespace) -> int:
     """Run a command that reads a file in a forked child, stopped after ``--timeout`` seconds.
+
+    Only from a process of one thread (the command line itself): elsewhere the
+    command runs in the caller's process, without a time bound.
 
     A damaged file can make HDF5 itself loop for ever (a flipped bit in the heap of
     the id table did, plain h5py too), and no signal interrupts HDF5's C code:
