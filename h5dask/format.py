@@ -41,8 +41,9 @@ BYTES = h5py.string_dtype("ascii")
 
 # what h5py raises where HDF5 meets damaged metadata or data: RuntimeError and OSError from
 # HDF5's error stack, KeyError for a link it cannot follow, UnicodeDecodeError for names and
-# strings that are not UTF-8, MemoryError for a table claiming more rows than memory holds
-DAMAGE = (RuntimeError, OSError, KeyError, UnicodeDecodeError, MemoryError)
+# strings that are not UTF-8 (a table claiming more rows than memory holds is checked
+# before it is read: a MemoryError may be a large read of a sound file)
+DAMAGE = (RuntimeError, OSError, KeyError, UnicodeDecodeError)
 
 
 @contextmanager
@@ -169,8 +170,23 @@ def refuse_other_files(filename: str, path: str, foreign: tuple[str, ...]) -> No
 
 
 def n_ids(f: h5py.File) -> int:
-    """Number of committed ids."""
-    return f[IDS].shape[0] if IDS in f else 0
+    """Number of committed ids.
+
+    Raises
+    ------
+    FileFormatError
+        The id table claims more ids than the file has bytes for (a damaged
+        dataspace: reading it would exhaust memory).
+    """
+    if IDS not in f:
+        return 0
+    ds = f[IDS]
+    if ds.shape and ds.shape[0] * min(ds.dtype.itemsize, 16) > f.id.get_filesize():
+        raise FileFormatError(
+            f"{f.filename!r}: /{IDS} claims {ds.shape[0]} ids in a file of "
+            f"{f.id.get_filesize()} bytes (a damaged dataspace?)"
+        )
+    return ds.shape[0] if ds.shape else 0
 
 
 def read_ids(f: h5py.File, allow_external: bool = False) -> np.ndarray:
@@ -181,15 +197,9 @@ def read_ids(f: h5py.File, allow_external: bool = False) -> np.ndarray:
     ExternalFileError
         The id table reads another file (see :func:`check_local`).
     """
-    if IDS not in f or not f[IDS].shape[0]:
+    if not n_ids(f):
         return np.array([], dtype="S1")
-    ds = check_local(f[IDS], allow_external)
-    if ds.shape[0] * min(ds.dtype.itemsize, 16) > f.id.get_filesize():
-        raise FileFormatError(
-            f"{f.filename!r}: /{IDS} claims {ds.shape[0]} ids in a file of "
-            f"{f.id.get_filesize()} bytes (a damaged dataspace?)"
-        )
-    return ds[:].astype("S")
+    return check_local(f[IDS], allow_external)[:].astype("S")
 
 
 def check_root(f: h5py.File) -> None:
