@@ -664,8 +664,10 @@ def _in_order(
             except Exception as exc:
                 if not _lost_worker(exc):
                     raise
+                if lost is not None and (restart is None or call is None or careful):
+                    raise lost(k, exc) from exc
                 if restart is None or call is None or careful:
-                    raise (exc if lost is None else lost(k, exc)) from exc
+                    raise
                 log.warning("a worker process died (%s); running its tasks again", exc)
                 restart()
                 for entry in queue:
