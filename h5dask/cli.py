@@ -576,6 +576,12 @@ def _add_repair(commands: Any, common: argparse.ArgumentParser) -> None:
         "restored to its last commit; `build --mode a` then resumes.",
     )
     sub.add_argument("file", metavar="FILE", help="an h5dask file")
+    sub.add_argument(
+        "--to",
+        metavar="COPY",
+        help="write the repaired file to COPY, leaving FILE and its journal as they are "
+        "(for read-only media)",
+    )
     sub.set_defaults(run=run_repair)
 
 
@@ -585,10 +591,11 @@ def run_repair(args: argparse.Namespace) -> None:
 
     if not os.path.exists(args.file):
         raise CLIError(f"no such file: {args.file!r}")
-    undone = repair(args.file)
-    n = len(_open(args.file))
+    undone = repair(args.file, to=args.to)
+    n = len(_open(args.to or args.file))
     what = "undid an unfinished commit" if undone else "nothing to repair"
-    print(f"{args.file}: {what}; {n} committed ids")
+    where = f" (written to {args.to})" if args.to else ""
+    print(f"{args.file}: {what}{where}; {n} committed ids")
 
 
 # -- convert ------------------------------------------------------------------------------------

@@ -73,6 +73,7 @@ SPILL_BYTES = 64 << 10
 IOV_MAX = 1024  # buffers one writev takes (Linux, macOS)
 FIRST_PARTITION = 32
 PARTITION_BYTES = 32 << 20  # of results a task sends from another process
+SPILL_PREFIX = "h5dask-"  # + the pid of the build, for remove_dead_spill_folders
 MIN_SPILL_PARTITION = 1 << 20  # of results a task spills to shared memory, or it sends them
 LOCAL_PARTITION_BYTES = 4 << 20  # of results a thread of this process hands over
 PARTITION_SECONDS = 1.0  # of loading in a task of another process
@@ -120,10 +121,17 @@ class Spilled:
 
     def take(self) -> np.ndarray:
         """Map the array back (no copy) and unlink its file; its memory goes with the array."""
-        if not self.nbytes:
-            os.remove(self.filename)
-            return np.empty(self.shape, dtype=self.dtype)
-        array = np.memmap(self.filename, dtype=self.dtype, mode="r", shape=self.shape)
+        try:
+            if not self.nbytes:
+                os.remove(self.filename)
+                return np.empty(self.shape, dtype=self.dtype)
+            array = np.memmap(self.filename, dtype=self.dtype, mode="r", shape=self.shape)
+        except FileNotFoundError:
+            raise H5DaskError(
+                f"the results a worker process spilled to {self.filename!r} are gone: its "
+                "folder was deleted while the build ran (by a cleaner of /dev/shm or of "
+                "temporary files?); nothing of them was written. Resume with mode='a'"
+            ) from None
         os.remove(self.filename)
         return array
 
@@ -579,13 +587,14 @@ def _spill_folder(local: bool, needed: int) -> Iterator[str | None]:
     """A shared-memory folder for results of worker processes on this machine, if any.
 
     None, with a warning, when it has less than ``needed`` bytes free: results
-    then travel through sockets.
+    then travel through sockets. Spill folders of dead builds are removed first.
     """
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    folder = base or tempfile.gettempdir()
+    remove_dead_spill_folders(folder)
     if not local:
         yield None
         return
-    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    folder = base or tempfile.gettempdir()
     free = shutil.disk_usage(folder).free
     if free < needed:
         log.warning(
@@ -598,8 +607,40 @@ def _spill_folder(local: bool, needed: int) -> Iterator[str | None]:
         )
         yield None
         return
-    with tempfile.TemporaryDirectory(prefix="h5dask-", dir=base, ignore_cleanup_errors=True) as d:
+    prefix = f"{SPILL_PREFIX}{os.getpid()}-"
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=base, ignore_cleanup_errors=True) as d:
         yield d
+
+
+def remove_dead_spill_folders(folder: str) -> list[str]:
+    """Delete the spill folders in ``folder`` of builds whose process died (SIGTERM,
+    kill -9: they left their results in RAM); return their paths.
+
+    A spill folder is named after the process that made it; those of live
+    processes, and of other users, are left alone.
+    """
+    removed = []
+    for entry in os.scandir(folder):
+        pid = entry.name[len(SPILL_PREFIX) :].split("-", 1)[0]
+        if not (entry.name.startswith(SPILL_PREFIX) and pid.isdigit() and entry.is_dir()):
+            continue
+        if entry.stat().st_uid != os.geteuid() or _alive(int(pid)):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(entry.path)
+    if removed:
+        log.info("removed %d spill folders of dead builds: %s", len(removed), ", ".join(removed))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _wait_for(
@@ -1025,7 +1066,7 @@ def _embedded_cluster(n_workers: int) -> Iterator[Any]:
             n_workers=n_workers,
             threads_per_worker=1,
             processes=True,
-            dashboard_address=":0",
+            dashboard_address=dask.config.get("h5dask.dashboard-address", "127.0.0.1:0"),
             silence_logs=logging.ERROR,
         ) as cluster,
         distributed.Client(cluster, set_as_default=False) as client,

@@ -7,6 +7,8 @@ the process that asks, and keeps it open between calls only when told to.
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -16,7 +18,17 @@ import h5py
 
 from . import format as fmt
 from .errors import FileFormatError, ReadOnlyError
-from .repair import JournaledFile, can_journal, journaled, needs_repair, repair
+from .repair import (
+    JournaledFile,
+    can_journal,
+    discard,
+    journaled,
+    needs_repair,
+    repair,
+    still_linked,
+)
+
+log = logging.getLogger("h5dask")
 
 __all__ = ["FileHandle", "open_h5"]
 
@@ -52,8 +64,9 @@ def open_h5(filename: str, mode: str = "r", **h5_kwargs: Any) -> h5py.File:
     FileFormatError
         ``filename`` exists but is not an HDF5 file, cannot be opened, is being
         written by another process, or holds the unfinished commit of a writer
-        that died (``h5dask repair FILE`` restores its last commit; opening it
-        for writing does so too).
+        that died and cannot be undone here (the file is read-only: ``h5dask
+        repair FILE --to COPY`` repairs a copy). Elsewhere the open undoes such
+        a commit first, with a warning.
     """
     on_disk = h5_kwargs.get("driver") != "core"
     if mode in ("r", "r+") and on_disk and not os.path.exists(filename):
@@ -84,9 +97,18 @@ def _refuse_if_locked(filename: str, h5_kwargs: dict[str, Any]) -> None:
 
 
 def _finish_interrupted_commit(filename: str, mode: str) -> None:
-    """Undo a dead writer's unfinished commit before writing; refuse to read past it."""
+    """Undo a dead writer's unfinished commit before opening ``filename``, and say so.
+
+    Mode ``"w"`` replaces the file whole, so its journal is deleted unreplayed
+    (a warning says so). A reader repairs too, unless it cannot write the file
+    or its folder (read-only media): it is then told how to repair a copy.
+    """
+    if mode == "w":
+        discard(filename, "the file is created anew (mode 'w'), so none of it is needed")
+        return
     if mode != "r":
-        repair(filename)  # raises if a live writer holds the journal
+        if repair(filename):  # raises if a live writer holds the journal
+            _say_repaired(filename)
         return
     state = journal_state(filename)
     if state == "live":
@@ -95,16 +117,29 @@ def _finish_interrupted_commit(filename: str, mode: str) -> None:
             "right now; retry in a moment"
         )
     if state == "dead":
-        raise FileFormatError(
-            f"{filename!r} holds an unfinished commit: the process writing it died. Run "
-            f"`h5dask repair {filename}` (or open it for writing) to restore its last commit"
-        )
+        folder = os.path.dirname(os.path.abspath(filename))
+        if not (os.access(filename, os.W_OK) and os.access(folder, os.W_OK)):
+            raise FileFormatError(
+                f"{filename!r} holds the unfinished commit of a writer that died, and this "
+                "process cannot write the file or its folder (read-only media?) to undo it: "
+                f"run `h5dask repair {filename} --to COPY.h5` and read the copy"
+            )
+        if repair(filename):
+            _say_repaired(filename)
     if state == "unknown":
         raise FileFormatError(
             f"{filename!r} holds an unfinished commit: a process is committing to it, or died "
             "while committing (its file system has no locks to tell which). Retry in a "
             f"moment; if no process writes it, run `h5dask repair {filename}`"
         )
+
+
+def _say_repaired(filename: str) -> None:
+    log.warning(
+        "%s: undid the unfinished commit of a writer that died (or was interrupted); "
+        "the file holds its last commit",
+        filename,
+    )
 
 
 def journal_state(filename: str) -> str:
@@ -117,18 +152,22 @@ def journal_state(filename: str) -> str:
     """
     import fcntl
 
-    from .repair import flock, journal_path
+    from .repair import OPEN_JOURNAL, flock, journal_path
 
     try:
-        fd = os.open(journal_path(filename), os.O_RDONLY)
+        fd = os.open(journal_path(filename), OPEN_JOURNAL)
     except FileNotFoundError:
         return "none"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a symbolic link: dead, and repair refuses it by name
+            return "dead"
+        raise
     try:
         locked = flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return "live"
     else:
-        if not os.fstat(fd).st_nlink:
+        if not still_linked(fd, journal_path(filename)):
             return "none"
         return "dead" if locked else "unknown"
     finally:

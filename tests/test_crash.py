@@ -165,7 +165,7 @@ def spawn(tmp_path, *args):
     )
 
 
-def test_kill_9_at_random_moments_then_repair_and_resume(tmp_path, build, monkeypatch):
+def test_kill_9_at_random_moments_then_repair_and_resume(tmp_path, build, monkeypatch, caplog):
     clean = tmp_path / "clean.h5"
     monkeypatch.setattr(engine, "MAX_PARTITION", 16)  # as build.small_commits(), undone after
     monkeypatch.setattr(writer_module, "FLUSH_BYTES", 16 << 10)
@@ -180,18 +180,20 @@ def test_kill_9_at_random_moments_then_repair_and_resume(tmp_path, build, monkey
         time.sleep(rng.uniform(0.1, 0.9))
         process.send_signal(signal.SIGKILL)
         process.wait()
-        if not path.exists():
-            continue
+        if not path.exists() or not (needs_repair(path) or h5py.is_hdf5(path)):
+            continue  # killed while mode "w" created the file (not journaled): nothing committed
         if needs_repair(path):
             mid_commit += 1
-            with pytest.raises(FileFormatError, match="h5dask repair"):
-                h5m.TypedFile(path)
             args = ["-m", "h5dask", "repair", str(path)]
             if trial % 3 == 0:  # the command line in a process of its own
                 out = subprocess.run([sys.executable, *args], capture_output=True, text=True)
                 assert out.returncode == 0 and "undid an unfinished commit" in out.stdout
-            else:
+            elif trial % 3 == 1:
                 assert cli(["repair", str(path)]) == 0
+            else:  # a reader repairs it, and says so
+                caplog.clear()
+                h5m.TypedFile(path)
+                assert "undid the unfinished commit" in caplog.text
         assert not os.path.exists(journal_path(path))
         n = check_committed_prefix(build, path)
         assert len(h5m.TypedFile(path)) == n
@@ -241,7 +243,8 @@ def test_readers_while_writing_see_a_committed_prefix_or_a_clear_error(tmp_path,
     (tmp_path / "reader.py").write_text(READER)
     writer = spawn(tmp_path, path, "sync", 0.0003)
     assert writer.stdout.readline().strip() == "start"
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    paths = [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     reader = subprocess.Popen(
         [sys.executable, str(tmp_path / "reader.py"), str(path), str(stop)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -362,13 +365,10 @@ def test_journal_states_a_reader_can_meet(tmp_path):
     assert journal_state(str(path)) == "live"
     with pytest.raises(FileFormatError, match="another process is committing"):
         h5m.TypedFile(path, mode="r")
-    os.close(fd)  # the writer died: the journal stays, unlocked
+    os.close(fd)  # the writer died before its journal had a header: the journal stays, unlocked
     assert journal_state(str(path)) == "dead"
-    with pytest.raises(FileFormatError, match="h5dask repair"):
-        h5m.TypedFile(path, mode="r")
-    os.unlink(journal_path(path))  # a commit ends: the journal is gone
+    h5m.TypedFile(path, mode="r")  # a reader undoes the dead commit (nothing, here)
     assert journal_state(str(path)) == "none"
-    h5m.TypedFile(path, mode="r")
 
 
 def test_a_commit_that_ends_while_a_reader_checks_is_no_dead_writer(tmp_path, monkeypatch):
@@ -412,6 +412,7 @@ def test_file_systems_without_locks_write_repair_and_explain(tmp_path, monkeypat
     raw = JournaledFile(str(path))  # a writer that dies mid-commit, having overwritten
     raw.seek(0)
     raw.write(b"\0" * 4096)
+    raw.truncate(4096)  # writes what it held, once the journal has the old pages
     raw.abandon()
     assert path.read_bytes() != committed
     with pytest.raises(FileFormatError, match="no locks to tell which") as info:
@@ -439,7 +440,8 @@ def test_the_journal_saves_each_run_of_old_pages_once_and_repair_restores_them(t
     raw.write(b"c" * 500)  # the last page, partly past the old end
     raw.truncate(3 * PAGE)
     fd = os.open(journal_path(path), os.O_RDONLY)
-    size, records = _read_journal(fd, path)
+    journal = _read_journal(fd, str(path))
+    size, records = journal.size, journal.records
     os.close(fd)
     assert size == len(original)
     assert [(offset, len(data)) for offset, data in records] == [

@@ -939,13 +939,14 @@ class Wide(h5m.Feature):
 @pytest.mark.parametrize("where", ["processes", "client"])
 def test_large_results_cross_processes_through_files_and_leave_none(tmp_path, client, where):
     shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
-    before = {p.name for p in shm.glob("h5dask-*")}
+    mine = f"h5dask-{os.getpid()}-*"  # the spill folders of this process's builds
+    before = {p.name for p in shm.glob(mine)}
     sources = [str(n) for n in range(300)]  # 2.4 MB: partitions above engine.SPILL_BYTES
     reference = build(tmp_path / "sync.h5", sources, {"x": Wide()}, scheduler="sync")
     scheduler = client if where == "client" else where
     build(tmp_path / "other.h5", sources, {"x": Wide()}, scheduler=scheduler, n_workers=2)
     assert snapshot(tmp_path / "other.h5") == snapshot(reference.filename)
-    assert {p.name for p in shm.glob("h5dask-*")} == before
+    assert {p.name for p in shm.glob(mine)} == before
     assert engine._all_local(client.scheduler_info()["workers"])
     assert not engine._all_local({"tcp://10.1.2.3:8786": {}})
 
