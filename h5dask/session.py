@@ -17,6 +17,7 @@ goes with its process; the lock file it leaves is reused by the next writer.
 from __future__ import annotations
 
 import atexit
+import errno
 import fcntl
 import json
 import math
@@ -27,7 +28,7 @@ import time
 import weakref
 from typing import Any
 
-from .errors import FileLockedError
+from .errors import FileLockedError, ReadOnlyError
 from .handle import forks
 from .repair import flock, uses_locks
 
@@ -136,7 +137,16 @@ def _try_lock(path: str) -> int | dict[str, Any]:
     file that is no longer at ``path`` is dropped and taken again.
     """
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            raise ReadOnlyError(
+                f"cannot write {path[: -len(LOCK_SUFFIX)]!r}: its writer lock {path!r} cannot "
+                f"be created ({os.strerror(exc.errno)}); h5dask keeps it and each commit's "
+                "journal beside the file, so it needs write access to the folder too"
+            ) from None
         try:
             flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

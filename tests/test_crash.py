@@ -238,9 +238,13 @@ def test_repair_of_a_clean_file_changes_nothing(tmp_path, build, capsys):
     assert cli(["repair", str(tmp_path / "missing.h5")]) == 1
 
 
-def test_readers_while_writing_see_a_committed_prefix_or_a_clear_error(tmp_path, build):
+def test_readers_while_writing_see_a_committed_prefix_or_a_clear_error(
+    tmp_path, build, monkeypatch
+):
     path, stop = tmp_path / "r.h5", tmp_path / "stop"
     (tmp_path / "reader.py").write_text(READER)
+    # commits of 16 sources back to back: synced (25 ms each), they leave readers no gap
+    monkeypatch.setenv("DASK_H5DASK__DURABLE", "False")
     writer = spawn(tmp_path, path, "sync", 0.0003)
     assert writer.stdout.readline().strip() == "start"
     paths = [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])]
