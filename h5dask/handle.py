@@ -8,9 +8,11 @@ the process that asks, and keeps it open between calls only when told to.
 from __future__ import annotations
 
 import errno
+import glob
 import logging
 import os
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
@@ -30,7 +32,7 @@ from .repair import (
 
 log = logging.getLogger("h5dask")
 
-__all__ = ["FileHandle", "open_h5"]
+__all__ = ["FileHandle", "open_h5", "create_atomically", "creates_file"]
 
 
 class _Forks:
@@ -85,6 +87,71 @@ def open_h5(filename: str, mode: str = "r", **h5_kwargs: Any) -> h5py.File:
         if "unable to lock file" in str(exc):
             raise FileFormatError(_locked_message(filename, mode)) from exc
         raise FileFormatError(f"cannot open {filename!r} in mode {mode!r}: {exc}") from exc
+
+
+def creates_file(filename: str, mode: str, h5_kwargs: dict[str, Any]) -> bool:
+    """Whether opening ``filename`` in h5py ``mode`` makes a new file on disk.
+
+    Examples
+    --------
+    >>> creates_file("/no/such/file.h5", "a", {}), creates_file("/no/such/file.h5", "r+", {})
+    (True, False)
+    """
+    if h5_kwargs.get("driver") not in (None, "sec2"):
+        return False  # the core, family, ... drivers lay out their files themselves
+    if mode == "w":
+        return True
+    return mode in ("a", "w-", "x") and not os.path.exists(filename)
+
+
+def create_atomically(
+    filename: str, mode: str, fill: Callable[[h5py.File], None], **h5_kwargs: Any
+) -> None:
+    """Make ``filename`` a new HDF5 file holding what ``fill`` writes, all at once.
+
+    The file is written and synced under a temporary name in its folder, then
+    renamed over ``filename`` (mode ``"w"``) or linked to it (other modes, which
+    never replace a file): a process killed at any moment leaves the old file or
+    the new one, never a truncated file that no longer opens. The caller holds the
+    file's writer session, so a temporary file left by a killed writer is removed.
+
+    Raises
+    ------
+    FileExistsError
+        ``filename`` exists and ``mode`` is not ``"w"``.
+    FileFormatError
+        Another process holds ``filename`` open (mode ``"w"``).
+    """
+    folder, name = os.path.split(os.path.abspath(filename))
+    prefix, suffix = f".{name}.", ".h5dask-new"
+    for left in glob.glob(os.path.join(glob.escape(folder), glob.escape(prefix) + "*" + suffix)):
+        os.unlink(left)  # of a writer killed while creating: the caller's session excludes others
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w", **h5_kwargs) as f:
+            fill(f)
+        _sync(tmp)
+        if mode == "w":
+            if os.path.exists(filename):
+                _refuse_if_locked(filename, h5_kwargs)
+                if needs_repair(filename):
+                    repair(filename)  # the journal is the old file's; raises if it is live
+            os.replace(tmp, filename)
+        else:
+            os.link(tmp, filename)  # FileExistsError rather than replace a file
+        _sync(folder)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _sync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _refuse_if_locked(filename: str, h5_kwargs: dict[str, Any]) -> None:

@@ -20,7 +20,14 @@ from .errors import FileFormatError, ReadOnlyError, ResultTypeError, SchemaError
 from .extract import flatten, load_schema, normalize
 from .failures import Failure, read_failures
 from .feature import Feature, Group, name_problem
-from .handle import FileHandle, as_reader, open_h5, without_chunk_cache
+from .handle import (
+    FileHandle,
+    as_reader,
+    create_atomically,
+    creates_file,
+    open_h5,
+    without_chunk_cache,
+)
 from .index import IdIndex
 from .proxy import DatasetProxy, GroupProxy, Proxy
 from .session import WriterSession
@@ -857,17 +864,30 @@ def open_file(
     FileFormatError
         The file is not HDF5, is being written by another process, or is of a newer version.
     """
-    f = open_h5(filename, mode, **without_chunk_cache(h5_kwargs))
+    h5_kwargs = without_chunk_cache(h5_kwargs)
+
+    def label(f: h5py.File) -> None:
+        fmt.init_root(f)
+        init_schema(f, schema)
+
+    if creates_file(filename, mode, h5_kwargs):  # a kill leaves the old file or the new one
+        create_atomically(filename, mode, label, **h5_kwargs)
+        return open_h5(filename, "r+", **h5_kwargs)
+    f = open_h5(filename, mode, **h5_kwargs)
     try:
         fmt.check_root(f)  # never relabel a file of a newer version
         if legacy.is_h5mapper(f):  # nor one of h5mapper
             raise FileFormatError(_legacy_message(filename))
-        fmt.init_root(f)
-        init_schema(f, schema)
+        if h5_kwargs.get("driver") not in (None, "sec2"):
+            label(f)  # in memory, or laid out by its driver: written as it is
+            return f
     except BaseException:
         f.close()
         raise
-    return f
+    f.close()
+    with FileHandle(filename, "r+", **h5_kwargs).open(write=True) as f:
+        label(f)  # journaled where it can be, as a commit is: a kill never damages the file
+    return open_h5(filename, "r+", **h5_kwargs)
 
 
 def init_schema(f: h5py.File, schema: Mapping[str, Feature]) -> None:

@@ -502,3 +502,50 @@ def test_a_writer_dead_after_writing_into_the_unused_end_of_a_chunk_loses_nothin
         assert np.array_equal(file.x.get("10"), np.full((1, 16), 10, np.float32))
     with h5py.File(path) as f:
         assert f["x/values"].shape == (21, 16)
+
+
+LABELLING = """
+import inspect, sys, time
+import numpy as np
+import h5dask as h5m
+
+
+class SlowAttrs(h5m.Array):
+    @property
+    def attrs(self):  # slow while written into the file (it is checked before): the kill lands
+        if any(frame.function == "init_schema" for frame in inspect.stack()):
+            print("labelling", flush=True)
+            time.sleep(60)
+        return {}
+
+
+h5m.TypedFile(sys.argv[1], mode=sys.argv[2], schema={"x": SlowAttrs()})
+"""
+
+
+@pytest.mark.parametrize("mode", ["w", "a"])
+def test_a_writer_killed_while_opening_leaves_the_file_as_it_was(tmp_path, mode):
+    """Mode "w" used to truncate the file before labelling it (a kill left a file without an
+    HDF5 signature), and mode "a" labelled an existing file outside the journal."""
+    path = tmp_path / "f.h5"
+    with h5m.TypedFile(path, mode="w", schema={"x": h5m.Array()}) as f:
+        for i in range(50):
+            f.add(f"id{i}", {"x": np.full(3, i)})
+    script = tmp_path / "label.py"
+    script.write_text(LABELLING)
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(path), mode], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout.readline().strip() == "labelling"
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    if needs_repair(path):
+        assert cli(["repair", str(path)]) == 0
+    f = h5m.TypedFile(path)
+    assert f.ids.tolist() == [f"id{i}" for i in range(50)]
+    assert f.x.get("id7").tolist() == [7, 7, 7]
+    again = h5m.TypedFile(path, mode="w", schema={"x": h5m.Array()})  # and the leftovers go
+    assert len(again.ids) == 0
+    assert sorted(os.listdir(tmp_path)) == ["f.h5", "label.py"]
