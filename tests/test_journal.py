@@ -8,6 +8,7 @@ would, and the spill folders of killed builds.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -483,7 +484,8 @@ def test_a_later_build_removes_the_spill_folders_of_killed_builds(tmp_path, sig)
     build_process.send_signal(sig)
     build_process.wait()
     for child in children:  # the pool's workers, orphaned: stopped as a user would
-        child.kill()
+        with contextlib.suppress(psutil.NoSuchProcess):  # or gone with their parent
+            child.kill()
     psutil.wait_procs(children, timeout=10)
     assert spill_folders(build_process.pid), "the killed build left no spill folder"
     build(tmp_path / "later.h5", 0, 5, mode="w")  # any later build
