@@ -122,6 +122,8 @@ def create_atomically(
     FileFormatError
         Another process holds ``filename`` open (mode ``"w"``).
     """
+    if needs_repair(filename):  # a dead writer's journal: the new file needs none of it
+        _finish_interrupted_commit(filename, "w")
     folder, name = os.path.split(os.path.abspath(filename))
     prefix, suffix = f".{name}.", ".h5dask-new"
     for left in glob.glob(os.path.join(glob.escape(folder), glob.escape(prefix) + "*" + suffix)):
