@@ -138,8 +138,13 @@ def _try_lock(path: str) -> int | dict[str, Any]:
     """
     while True:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:  # never create or lock what a planted link names
+                raise FileLockedError(
+                    f"{path!r}, the writer lock of {path[: -len(LOCK_SUFFIX)]!r}, is a symbolic "
+                    "link; h5dask creates that file itself: remove the link"
+                ) from None
             if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise
             raise ReadOnlyError(

@@ -335,3 +335,13 @@ def _child_writes(file, path) -> None:
     del file  # its finaliser must not release the parent's session
     gc.collect()
     os._exit(0)
+
+
+def test_a_symlink_at_the_writer_lock_is_refused_and_its_target_never_made(tmp_path):
+    target = tmp_path / "elsewhere" / "planted"
+    target.parent.mkdir()
+    path = tmp_path / "f.h5"
+    os.symlink(target, lock_path(str(path)))
+    with pytest.raises(FileLockedError, match="symbolic link"):
+        h5m.TypedFile(path, mode="w", schema={"x": h5m.Array()})
+    assert not target.exists() and not path.exists()
