@@ -24,6 +24,7 @@ from .repair import (
     JournaledFile,
     can_journal,
     discard,
+    durable,
     journaled,
     needs_repair,
     repair,
@@ -109,11 +110,12 @@ def create_atomically(
 ) -> None:
     """Make ``filename`` a new HDF5 file holding what ``fill`` writes, all at once.
 
-    The file is written and synced under a temporary name in its folder, then
-    renamed over ``filename`` (mode ``"w"``) or linked to it (other modes, which
-    never replace a file): a process killed at any moment leaves the old file or
-    the new one, never a truncated file that no longer opens. The caller holds the
-    file's writer session, so a temporary file left by a killed writer is removed.
+    The file is written (and synced, if :func:`~h5dask.repair.durable`) under a
+    temporary name in its folder, then renamed over ``filename`` (mode ``"w"``)
+    or linked to it (other modes, which never replace a file): a process killed at
+    any moment leaves the old file or the new one, never a truncated file that no
+    longer opens. The caller holds the file's writer session, so a temporary file
+    left by a killed writer is removed.
 
     Raises
     ------
@@ -133,7 +135,9 @@ def create_atomically(
     try:
         with h5py.File(tmp, "w", **h5_kwargs) as f:
             fill(f)
-        _sync(tmp)
+        sync = durable()
+        if sync:
+            _sync(tmp)
         if mode == "w":
             if os.path.exists(filename):
                 _refuse_if_locked(filename, h5_kwargs)
@@ -142,7 +146,8 @@ def create_atomically(
             os.replace(tmp, filename)
         else:
             os.link(tmp, filename)  # FileExistsError rather than replace a file
-        _sync(folder)
+        if sync:
+            _sync(folder)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -40,7 +40,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import dask
 import h5py
 
 from .errors import FileFormatError, ReadOnlyError
@@ -96,6 +95,8 @@ def durable() -> bool:
     calls: it survives the death of its process, not a power loss or a
     kernel crash (docs/RELIABILITY.md, "Durability", has the figures).
     """
+    import dask.config  # here: `import h5dask` loads no dask, and a read never asks
+
     return str(dask.config.get("h5dask.durable", True)).lower() not in ("false", "0", "no")
 
 
