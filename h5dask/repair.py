@@ -30,8 +30,10 @@ import fcntl
 import logging
 import os
 import shutil
+import signal
 import stat
 import struct
+import threading
 import time
 import uuid
 import zlib
@@ -675,8 +677,16 @@ def journaled(filename: str, **h5_kwargs: Any) -> Iterator[tuple[h5py.File, Jour
     An unfinished commit left by a dead writer is undone first (:func:`repair`).
     If the body or closing the file raises (a full disk, a write the file system
     refuses), the commit is undone from the journal as a dead writer's would be:
-    the file is as it was before it, whatever HDF5 managed to write.
+    the file is as it was before it, whatever HDF5 managed to write. Ctrl-C
+    (SIGINT) is held back until the commit is whole (:func:`interrupts_deferred`).
     """
+    with interrupts_deferred():
+        yield from _journaled(filename, h5_kwargs)
+
+
+def _journaled(
+    filename: str, h5_kwargs: dict[str, Any]
+) -> Iterator[tuple[h5py.File, JournaledFile]]:
     kwargs = {k: v for k, v in h5_kwargs.items() if k not in ("driver", "locking")}
     # No chunk cache: appends write whole chunks straight from their arrays (see
     # format.append_blocks), and a cache that a commit's close frees would make
@@ -695,6 +705,31 @@ def journaled(filename: str, **h5_kwargs: Any) -> Iterator[tuple[h5py.File, Jour
         _undo(f, raw, filename)
         raise
     raw.close()
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold back Ctrl-C (SIGINT) in this block, then raise ``KeyboardInterrupt`` after it.
+
+    A ``KeyboardInterrupt`` raised inside HDF5's write callback reaches the
+    writer as HDF5's "driver write request failed", and the commit fails; held
+    back, the commit finishes and the interrupt follows it. Only in the main
+    thread, and only where Python's own handler is installed.
+    """
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    caught: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _undo(f: h5py.File, raw: JournaledFile, filename: str) -> None:

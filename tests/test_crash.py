@@ -549,3 +549,43 @@ def test_a_writer_killed_while_opening_leaves_the_file_as_it_was(tmp_path, mode)
     again = h5m.TypedFile(path, mode="w", schema={"x": h5m.Array()})  # and the leftovers go
     assert len(again.ids) == 0
     assert sorted(os.listdir(tmp_path)) == ["f.h5", "label.py"]
+
+
+INTERRUPTED_COMMIT = """
+import os, signal, sys, threading, time
+import numpy as np
+import h5dask as h5m
+from h5dask.repair import journal_path
+
+path = sys.argv[1]
+
+
+def interrupt_mid_commit():
+    while not os.path.exists(journal_path(path)):  # the commit has begun
+        time.sleep(0.0005)
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+f = h5m.TypedFile(path, mode="w", schema={"x": h5m.Array()})
+threading.Thread(target=interrupt_mid_commit, daemon=True).start()
+try:
+    f.add("big", {"x": np.ones((50, 1 << 20), dtype=np.uint8)})  # 50 MiB: a commit at once
+    f.flush()
+    time.sleep(5)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+def test_ctrl_c_during_a_commit_lets_it_finish_then_interrupts(tmp_path):
+    """A KeyboardInterrupt raised in HDF5's write callback failed the commit as "driver
+    write request failed" (a CommitError, not the interrupt); it now comes after it."""
+    script, path = tmp_path / "commit.py", tmp_path / "f.h5"
+    script.write_text(INTERRUPTED_COMMIT)
+    out = subprocess.run(
+        [sys.executable, str(script), str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert out.stdout.strip() == "interrupted", out.stderr[-2000:]
+    assert not needs_repair(path)
+    f = h5m.TypedFile(path)
+    assert f.ids.tolist() == ["big"] and int(f.x.get("big").sum()) == 50 << 20
