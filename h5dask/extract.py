@@ -17,7 +17,7 @@ import numpy as np
 from . import format as fmt
 from .errors import LoadError, ResultTypeError, SourceFeatureError, describe
 
-__all__ = ["load_schema", "may_load", "normalize", "flatten", "feature_running"]
+__all__ = ["load_schema", "may_load", "normalize", "flatten", "unflatten", "feature_running"]
 
 Result = dict[str, Any]
 
@@ -196,3 +196,22 @@ def flatten(result: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray
         else:
             flat[prefix + key] = value
     return flat
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Nest ``{"group/feature": value}`` into dicts by the parts of each path: the inverse
+    of :func:`flatten`.
+
+    Examples
+    --------
+    >>> unflatten({"a/b": 1, "a/c": 2, "d": 3})
+    {'a': {'b': 1, 'c': 2}, 'd': 3}
+    """
+    nested: dict[str, Any] = {}
+    for path, value in flat.items():
+        *parents, name = path.split("/")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[name] = value
+    return nested

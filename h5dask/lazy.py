@@ -45,6 +45,7 @@ from .errors import (
     UnknownIdError,
     describe,
 )
+from .extract import unflatten
 from .feature import Feature, Group
 from .handle import FileHandle, as_reader, open_h5
 from .index import IdIndex
@@ -606,14 +607,7 @@ def _writer_file(destination: TypedFile) -> TypedFile:
 
 def _nest(flat: dict[str, Feature]) -> dict[str, Feature]:
     """A schema from ``{"a/b": feature}``: groups for the parts of each path."""
-    tree: dict[str, Any] = {}
-    for path, feature in flat.items():
-        *parents, name = path.strip("/").split("/")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[name] = feature
-    return _groups(tree)
+    return _groups(unflatten({path.strip("/"): feature for path, feature in flat.items()}))
 
 
 def _groups(tree: dict[str, Any]) -> dict[str, Feature]:

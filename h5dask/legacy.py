@@ -19,6 +19,7 @@ import h5py
 import numpy as np
 
 from .errors import FileFormatError, H5DaskError
+from .extract import unflatten
 
 __all__ = ["VALUES", "REFS", "FEATURES", "is_h5mapper", "read_region_refs", "convert"]
 
@@ -122,20 +123,9 @@ def convert(old: str | os.PathLike, new: str | os.PathLike, progress: bool = Fal
                     f"{os.fspath(old)!r}: id {id!r} holds no data in any feature; h5dask "
                     "keeps no id without data, so the converted file would lose it"
                 )
-            out.add(id, _nested(data))
+            out.add(id, unflatten(data))
     _copy_attrs(os.fspath(old), os.fspath(new))
     return TypedFile(new)
-
-
-def _nested(flat: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for path, value in flat.items():
-        *groups, name = path.split("/")
-        node = out
-        for group in groups:
-            node = node.setdefault(group, {})
-        node[name] = value
-    return out
 
 
 def _copy_attrs(old: str, new: str) -> None:

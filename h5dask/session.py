@@ -116,7 +116,7 @@ class WriterSession:
             try:
                 os.unlink(lock_path(self.filename))  # before unlocking: see _try_lock
             except FileNotFoundError:
-                pass
+                pass  # gone with its folder: closing the descriptor still ends the session
             os.close(fd)
 
     def __del__(self) -> None:
@@ -162,7 +162,7 @@ def _try_lock(path: str) -> int | dict[str, Any]:
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 return fd
         except FileNotFoundError:
-            pass
+            pass  # its holder unlinked it as we locked it: lock the next one at `path`
         os.close(fd)
 
 

@@ -848,8 +848,8 @@ def _version(filename: str, h5_kwargs: dict[str, Any]) -> tuple[int, ...] | None
         return None  # in memory: no other process sees it
     try:
         st = os.stat(filename)
-    except OSError:
-        return None
+    except OSError:  # no file to stat: None equals no cached version, so the next
+        return None  # read drops the cached tables and its open says what is wrong
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
